@@ -1,0 +1,47 @@
+"""Observation-window attention: what the scorers observe, on the fastest path available.
+
+softmax(window queries x keys) reduced over the queries and the query heads of each KV
+group. On CUDA the Triton kernel streams it without materializing the W x T matrix; the
+torch path below does the same in blocks of queries so KVzip's long probes stay bounded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Queries per block on the torch path: 256 x 8K keys x fp32 = 8 MiB per head at a time.
+QUERY_BLOCK = 256
+
+
+def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str) -> torch.Tensor:
+    """queries [Hq, W, D], keys [Hkv, T, D] -> [Hkv, T] fp32.
+
+    Query i sees keys 0..causal_offset+i. reduce="sum": sum over queries, mean over the
+    group (SnapKV / Ada-KV); reduce="max": max over both (KVzip).
+    """
+    num_q_heads, window, _ = queries.shape
+    num_kv_heads, length, _ = keys.shape
+    group = num_q_heads // num_kv_heads
+    keys_f = keys.float().repeat_interleave(group, dim=0)  # [Hq, T, D]
+    out = torch.zeros(num_q_heads, length, dtype=torch.float32, device=keys.device)
+    columns = torch.arange(length, device=keys.device)
+    for start in range(0, window, QUERY_BLOCK):
+        q = queries[:, start : start + QUERY_BLOCK].float()  # [Hq, w, D]
+        logits = torch.matmul(q, keys_f.transpose(1, 2)) * scale  # [Hq, w, T]
+        limit = causal_offset + start + torch.arange(q.shape[1], device=keys.device)
+        logits = logits.masked_fill(columns.unsqueeze(0) > limit.unsqueeze(1), float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if reduce == "max":
+            out = torch.maximum(out, probs.amax(dim=1))
+        else:
+            out += probs.sum(dim=1)
+    out = out.view(num_kv_heads, group, length)
+    return out.amax(dim=1) if reduce == "max" else out.mean(dim=1)
+
+
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str) -> torch.Tensor:
+    if queries.is_cuda:
+        from kvcli.kernels import window_scores
+
+        return window_scores.window_scores(queries, keys, scale, causal_offset, reduce)
+    return window_attention_torch(queries, keys, scale, causal_offset, reduce)
