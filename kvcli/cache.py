@@ -117,6 +117,16 @@ class LayerCache:
         self.positions[rows, dest] = positions.to(torch.int32).view(batch, 1, n).expand_as(dest)
         self.lengths += n
 
+    def reserve(self, rows: int) -> None:
+        """Make sure every head can take `rows` more tokens without reallocating."""
+        free = self.capacity_per_head.unsqueeze(0) - self.lengths
+        if int(free.min()) < rows:
+            self._grow(rows)
+
+    def sequence(self, b: int) -> "LayerCache":
+        """A view of sequence b: appends through it land in this cache (reserve first)."""
+        return LayerCache(self.keys[b : b + 1], self.values[b : b + 1], self.positions[b : b + 1], self.offsets, self.lengths[b : b + 1])
+
     def _grow(self, extra: int) -> None:
         """Give every head `extra` more rows of headroom (rare: a very long conversation)."""
         batch, _, head_dim = self.keys.shape
@@ -169,6 +179,17 @@ class CompressedCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes_used() for layer in self.layers)
+
+    def sequence(self, b: int) -> "CompressedCache":
+        """A view of sequence b (call `reserve` first: a reallocation would detach the view)."""
+        return CompressedCache([layer.sequence(b) for layer in self.layers], self.next_position[b : b + 1], self.original_length)
+
+    def reserve(self, rows: int) -> None:
+        for layer in self.layers:
+            layer.reserve(rows)
+
+    def clone(self) -> "CompressedCache":
+        return self.repeat(1)
 
     def repeat(self, batch: int) -> "CompressedCache":
         return CompressedCache(
