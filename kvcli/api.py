@@ -63,15 +63,27 @@ class Compressed:
     """A document read and compressed: the cache plus what is needed to reuse it."""
 
     cache: CompressedCache
-    layout: PromptLayout
+    layout: PromptLayout  # document_ids is empty for a cache loaded from a file
     press: Press
     agnostic: bool
+    document_tokens: int
     prefill: PrefillResult | None = None  # None when loaded from a file
     first_logits: torch.Tensor | None = None  # question-aware: logits after the question
+    source: str | None = None  # the .kvc file it came from
+    kept: torch.Tensor | None = None  # [L, Hkv] rows per head as compressed (decoding appends more)
+
+    def __post_init__(self):
+        if self.kept is None:
+            self.kept = self.cache.kept_per_head()
+
+    @property
+    def bytes_per_row(self) -> int:
+        keys = self.cache.layers[0].keys
+        return keys.shape[-1] * keys.element_size() * 2
 
     def stats(self) -> dict:
-        kept = self.cache.kept_per_head()  # [L, Hkv] incl. prefix/question rows
-        other = self.cache.original_length - len(self.layout.document_ids)
+        kept = self.kept  # [L, Hkv] incl. prefix/question rows
+        other = self.cache.original_length - self.document_tokens
         doc_kept = (kept - other).clamp(min=0)
         per_head = sorted(doc_kept.flatten().tolist())
         full_bytes = self.prefill.full_bytes if self.prefill else None
@@ -79,12 +91,12 @@ class Compressed:
             **self.press.describe(),
             "agnostic": self.agnostic,
             "compressed": bool(self.prefill.compressed) if self.prefill else True,
-            "document_tokens": len(self.layout.document_ids),
+            "document_tokens": self.document_tokens,
             "kept_per_layer": doc_kept.sum(dim=1).tolist(),
             "kept_per_head": {"min": per_head[0], "median": statistics.median(per_head), "max": per_head[-1]},
-            "kept_fraction": doc_kept.sum().item() / max(1, doc_kept.numel() * len(self.layout.document_ids)),
+            "kept_fraction": doc_kept.sum().item() / max(1, doc_kept.numel() * self.document_tokens),
             "full_bytes": full_bytes,
-            "compressed_bytes": self.cache.nbytes(),
+            "compressed_bytes": int(kept.sum()) * self.bytes_per_row,
             "compression_seconds": self.prefill.compression_seconds if self.prefill else 0.0,
         }
 
@@ -128,6 +140,7 @@ def read(
         layout=layout,
         press=press,
         agnostic=question is None,
+        document_tokens=len(layout.document_ids),
         prefill=result,
         first_logits=result.last_logits if question is not None else None,
     )
@@ -255,21 +268,26 @@ def summarize(model: LoadedModel, document: Document, **kwargs) -> tuple[Answer,
     return ask(model, document, SUMMARY_INSTRUCTION, **kwargs)
 
 
-def report(model: LoadedModel, document: Document, compressed: Compressed, answer_: Answer) -> dict:
-    """The --json object: answer, model, document, timings, cache statistics."""
+def document_info(document: Document) -> dict:
+    return {"name": document.name, "sha256": document.sha256, "pages": document.num_pages}
+
+
+def report(model: LoadedModel, document: dict, compressed: Compressed, answer_: Answer) -> dict:
+    """The --json object: answer, model, document (document_info), timings, cache statistics."""
     return {
         "question": answer_.question,
         "answer": answer_.answer,
         "model": {"name": model.name, "fingerprint": model.fingerprint, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")},
         "document": {
-            "name": document.name,
-            "sha256": document.sha256,
-            "pages": document.num_pages,
-            "tokens": len(compressed.layout.document_ids),
+            "name": document["name"],
+            "sha256": document["sha256"],
+            "pages": document["pages"] if isinstance(document["pages"], int) else len(document["pages"]),
+            "tokens": compressed.document_tokens,
         },
         "timings": {
             "model_load_seconds": round(model.load_seconds, 4),
             "prefill_seconds": round(compressed.prefill.prefill_seconds, 4) if compressed.prefill else 0.0,
+            "cache_file": compressed.source,
             "ttft_seconds": round(answer_.ttft_seconds, 4),
             "decode_tokens_per_second": round(answer_.decode_tokens_per_second, 2),
             "new_tokens": answer_.tokens,

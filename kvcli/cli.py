@@ -111,59 +111,106 @@ def _print_text(index: int, text: str) -> None:
     sys.stdout.flush()
 
 
+def _read_questions(question: str | None, questions_file: str | None) -> list[str]:
+    if questions_file is None:
+        if question is None:
+            raise KvcliError("give a QUESTION or --questions FILE")
+        return [question]
+    if question is not None:
+        raise KvcliError("give a QUESTION or --questions FILE, not both")
+    try:
+        text = sys.stdin.read() if questions_file == "-" else open(questions_file, encoding="utf-8").read()
+    except OSError as exc:
+        raise KvcliError(f"cannot read questions from {questions_file}: {exc.strerror}") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise KvcliError(f"no questions in {questions_file}")
+    return lines
+
+
 def _run_question(
-    *, source, question, model, device, method, ratio, budget, alpha, agnostic, max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size
+    *, source, question, questions_file=None, model, device, method, ratio, budget, alpha, agnostic, reuse=False,
+    kv_dtype="auto", max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size,
 ) -> None:
-    from kvcli import api
+    import time
+
+    from kvcli import api, persist
     from kvcli.methods import make_press
 
-    reporter = Reporter(quiet or json_out and not stderr.is_terminal)
-    reporter.quiet_errors = quiet
+    reporter = Reporter(quiet)
     generation = api.Generation(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    press = make_press(method, ratio=ratio, budget=budget, alpha=alpha)
-    document = _load_document(source, password, reporter)
+    questions = _read_questions(question, questions_file)
+    from_file = persist.is_cache_file(source)
+    if from_file and source == "-":
+        raise KvcliError("a .kvc cache is read from a file, not stdin")
+    if from_file:
+        from kvcli.cachefile import read_header
+
+        read_header(source)  # a bad file fails here, before the model is loaded
+    press = None if from_file else make_press(method, ratio=ratio, budget=budget, alpha=alpha)
+    document = None if from_file else _load_document(source, password, reporter)
     loaded = _load_model(model, device, reporter)
-    with reporter.layers(f"Reading {document.name}") as progress:
-        result, compressed = api.ask(
-            loaded,
-            document,
-            question,
-            press=press,
-            agnostic=agnostic,
-            generation=generation,
-            chunk_size=chunk_size,
-            progress=progress,
-            on_text=None if json_out else _print_text,
-        )
-    if json_out:
-        sys.stdout.write(json.dumps(api.report(loaded, document, compressed, result)) + "\n")
-        return
-    sys.stdout.write("\n")
+    started = time.perf_counter()
+    if from_file:
+        compressed, header = persist.load(loaded, source)
+        doc_info = header["document"]
+        reporter.note(f"[dim]reusing {source}: {doc_info['name']}, {header['method'].get('method')} at ratio {header['method'].get('ratio')}[/]")
+    else:
+        with reporter.layers(f"Reading {document.name}") as progress:
+            if reuse:
+                compressed, hit = persist.reuse(loaded, document, press, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress)
+                reporter.note(f"[dim]{'reused' if hit else 'stored'} compressed cache {compressed.source}[/]")
+            else:
+                aware = len(questions) == 1 and not agnostic
+                compressed = api.read(
+                    loaded, document, press, question=questions[0] if aware else None, chunk_size=chunk_size,
+                    headroom_tokens=max_new_tokens, progress=progress,
+                )
+        doc_info = api.document_info(document)
+    stream = not json_out and len(questions) == 1
+    answers = api.answer(loaded, compressed, questions, generation, on_text=_print_text if stream else None, started=started)
+    for result in answers:
+        if json_out:
+            record = api.report(loaded, doc_info, compressed, result)
+            sys.stdout.write(json.dumps(record) + "\n")
+        elif stream:
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(f"Q: {result.question}\n{result.answer}\n\n")
+    sys.stdout.flush()
     stats = compressed.stats()
+    last = answers[-1]
+    prefill_s = f"prefill {compressed.prefill.prefill_seconds:.2f} s, " if compressed.prefill else ""
     reporter.note(
-        f"[dim]{stats['document_tokens']} document tokens, kept {stats['kept_fraction']:.0%} ({press.name}); "
-        f"prefill {compressed.prefill.prefill_seconds:.2f} s, first token {result.ttft_seconds:.2f} s, "
-        f"{result.decode_tokens_per_second:.1f} tokens/s[/]"
+        f"[dim]{stats['document_tokens']} document tokens, kept {stats['kept_fraction']:.0%} ({compressed.press.name}); "
+        f"{prefill_s}first token {last.ttft_seconds:.2f} s, {last.decode_tokens_per_second:.1f} tokens/s[/]"
     )
 
 
 def _guard(fn):
-    """Turn KvcliError into a one-line message and exit code 1."""
+    """KvcliError -> one line on stderr and exit 1; Ctrl-C -> exit 130; never a traceback."""
     try:
         fn()
     except KvcliError as exc:
         stderr.print(f"[red]kvcli: error:[/] {exc}", soft_wrap=True, markup=True)
         raise typer.Exit(1)
+    except KeyboardInterrupt:
+        stderr.print("kvcli: interrupted")
+        raise typer.Exit(130)
 
 
 # ---- commands -------------------------------------------------------------------------
 
 
+KvDtypeOpt = Annotated[str, typer.Option("--kv-dtype", help="Stored K/V precision: auto, bf16, fp16, fp32, int8, int4 (int8/int4 are lossy).")]
+
+
 @app.command()
 def ask(
-    document: Annotated[str, typer.Argument(help="A .pdf, .txt or .md file, or - for stdin.")],
-    question: Annotated[str, typer.Argument(help="The question.")],
+    document: Annotated[str, typer.Argument(help="A .pdf, .txt or .md file, - for stdin, or a .kvc cache from `kvcli compress`.")],
+    question: Annotated[Optional[str], typer.Argument(help="The question (or use --questions).")] = None,
     *,
+    questions: Annotated[Optional[str], typer.Option("--questions", help="A file of questions, one per line (- for stdin); answered as one batch over one agnostic cache.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     method: MethodOpt = DEFAULT_METHOD,
@@ -171,6 +218,8 @@ def ask(
     budget: BudgetOpt = None,
     alpha: AlphaOpt = None,
     agnostic: AgnosticOpt = False,
+    reuse: Annotated[bool, typer.Option("--reuse", help="Compress question-agnostically once, keep it in the cache store, reuse it next time.")] = False,
+    kv_dtype: KvDtypeOpt = "auto",
     max_new_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
@@ -179,17 +228,18 @@ def ask(
     password: PasswordOpt = None,
     chunk_size: ChunkOpt = 2048,
 ) -> None:
-    """Answer a question about a document."""
+    """Answer a question about a document (or a saved .kvc cache)."""
     _guard(lambda: _run_question(
-        source=document, question=question, model=model, device=device, method=method, ratio=ratio, budget=budget,
-        alpha=alpha, agnostic=agnostic, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        json_out=json_out, quiet=quiet, password=password, chunk_size=chunk_size,
+        source=document, question=question, questions_file=questions, model=model, device=device, method=method,
+        ratio=ratio, budget=budget, alpha=alpha, agnostic=agnostic, reuse=reuse, kv_dtype=kv_dtype,
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, json_out=json_out, quiet=quiet,
+        password=password, chunk_size=chunk_size,
     ))
 
 
 @app.command()
 def summarize(
-    document: Annotated[str, typer.Argument(help="A .pdf, .txt or .md file, or - for stdin.")],
+    document: Annotated[str, typer.Argument(help="A .pdf, .txt or .md file, - for stdin, or a .kvc cache.")],
     *,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
@@ -216,27 +266,117 @@ def summarize(
 
 
 @app.command()
+def compress(
+    document: Annotated[str, typer.Argument(help="A .pdf, .txt or .md file, or - for stdin.")],
+    *,
+    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the .kvc cache.")],
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    method: Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", help=f"Compression method: {', '.join(METHODS)}.")] = "kvzip",
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    alpha: AlphaOpt = None,
+    kv_dtype: KvDtypeOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    password: PasswordOpt = None,
+    chunk_size: ChunkOpt = 2048,
+) -> None:
+    """Compress a document question-agnostically and save the cache for any later question."""
+
+    def run():
+        from kvcli import api, persist
+        from kvcli.methods import make_press
+
+        if not output.endswith(".kvc"):
+            raise KvcliError(f"--output must end in .kvc (got {output})")
+        reporter = Reporter(quiet)
+        press = make_press(method, ratio=ratio, budget=budget, alpha=alpha)
+        doc = _load_document(document, password, reporter)
+        loaded = _load_model(model, device, reporter)
+        with reporter.layers(f"Compressing {doc.name}") as progress:
+            compressed, written = persist.compress(loaded, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress)
+        stats = compressed.stats()
+        if json_out:
+            sys.stdout.write(json.dumps({"output": output, "bytes": written, "document": api.document_info(doc), "cache": stats}) + "\n")
+        reporter.note(
+            f"wrote {output}: {written / 1e6:.1f} MB, {stats['document_tokens']} document tokens, kept {stats['kept_fraction']:.0%} "
+            f"({press.name}, kv {kv_dtype}); compression {stats['compression_seconds']:.2f} s"
+        )
+
+    _guard(run)
+
+
+@app.command()
 def info(
+    cache_file: Annotated[Optional[str], typer.Argument(help="A .kvc file to describe (else: the model).")] = None,
     *,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show the model, device, dtype, context length and library versions."""
+    """Show the model, device, dtype, context length and library versions, or describe a .kvc file."""
 
     def run():
-        from kvcli.info import model_info
+        from kvcli.info import cache_file_info, model_info
 
-        reporter = Reporter(quiet)
-        loaded = _load_model(model, device, reporter)
-        details = model_info(loaded)
+        if cache_file is not None:
+            details = cache_file_info(cache_file)
+        else:
+            details = model_info(_load_model(model, device, Reporter(quiet)))
         if json_out:
             sys.stdout.write(json.dumps(details) + "\n")
-        else:
-            width = max(len(k) for k in details)
-            for key, value in details.items():
-                sys.stdout.write(f"{key:<{width}}  {value}\n")
+            return
+        width = max(len(k) for k in details)
+        for key, value in details.items():
+            sys.stdout.write(f"{key:<{width}}  {value}\n")
+
+    _guard(run)
+
+
+@cache_app.command("list")
+def cache_list(json_out: JsonOpt = False) -> None:
+    """List the stored compressed caches."""
+
+    def run():
+        from kvcli.persist import store_entries
+
+        entries = store_entries()
+        if json_out:
+            for entry in entries:
+                sys.stdout.write(json.dumps(entry) + "\n")
+            return
+        for e in entries:
+            if "error" in e:
+                sys.stdout.write(f"{e['id'][:12]}  unreadable: {e['error']}\n")
+            else:
+                sys.stdout.write(f"{e['id'][:12]}  {e['bytes'] / 1e6:8.1f} MB  {e['method']}@{e['ratio']}  {e['kv_dtype']}  {e['document']}  ({e['model']})\n")
+
+    _guard(run)
+
+
+@cache_app.command("rm")
+def cache_rm(cache_id: Annotated[str, typer.Argument(help="Id (or unique prefix) from `kvcli cache list`.")]) -> None:
+    """Remove one stored cache."""
+
+    def run():
+        from kvcli.persist import store_remove
+
+        for removed in store_remove(cache_id):
+            sys.stdout.write(f"removed {removed}\n")
+
+    _guard(run)
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every stored cache."""
+
+    def run():
+        from kvcli.persist import store_clear
+
+        sys.stdout.write(f"removed {store_clear()} cache(s)\n")
 
     _guard(run)
 
@@ -255,21 +395,8 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
-    import click
-
     _quiet_libraries()
-    try:
-        code = app(standalone_mode=False)
-    except click.exceptions.Abort:
-        stderr.print("kvcli: interrupted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        stderr.print("kvcli: interrupted")
-        sys.exit(130)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+    app(prog_name="kvcli")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 
@@ -42,4 +43,31 @@ def model_info(model: LoadedModel) -> dict:
         "kvcli": kvcli.__version__,
         "python": platform.python_version(),
         **library_versions(),
+    }
+
+
+def cache_file_info(path: str) -> dict:
+    """What a .kvc file holds, from its header alone (no tensors are read)."""
+    from kvcli.cachefile import read_header
+
+    header = read_header(path)
+    kept = [sum(layer) for layer in header.get("lengths", [])]
+    other = header.get("original_length", 0) - header["document"]["tokens"]
+    heads = header["model"]["num_kv_heads"]
+    return {
+        "file": path,
+        "model": header["model"]["name"],
+        "model_fingerprint": header["model"]["fingerprint"][:16],
+        "document": header["document"]["name"],
+        "document_sha256": header["document"]["sha256"],
+        "pages": len(header["document"]["pages"]),
+        "document_tokens": header["document"]["tokens"],
+        "method": header["method"].get("method"),
+        "ratio": header["method"].get("ratio"),
+        "budget": header["method"].get("budget"),
+        "kv_dtype": header.get("kv_dtype"),
+        "bytes": os.path.getsize(path),
+        "kept_per_layer": [k - other * heads for k in kept],
+        "created": header.get("created"),
+        "kvcli_version": header.get("kvcli_version"),
     }

@@ -1,0 +1,570 @@
+"""The .kvc cache file: exact round trips, quantized round trips, and every way a file can break."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import kvcli
+from kvcli import cachefile
+from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
+from kvcli.cachefile import load_cache, read_header, save_cache
+from kvcli.errors import KvcliError
+from kvcli.quantize import dequantize, quantize
+
+FINGERPRINT = "abc123def4567890" * 4
+
+
+def make_cache(
+    seed: int = 0,
+    *,
+    num_layers: int = 3,
+    num_heads: int = 4,
+    tokens: int = 40,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    headroom: int = 8,
+) -> CompressedCache:
+    """Random cache, a different number of kept rows per head; head 1 of layer 0 keeps none."""
+    gen = torch.Generator().manual_seed(seed)
+    prefix = 7
+    layers = []
+    for layer in range(num_layers):
+        keys = (torch.randn(num_heads, tokens, head_dim, generator=gen) * 3 + 0.5).to(dtype)
+        values = torch.randn(num_heads, tokens, head_dim, generator=gen).to(dtype)
+        positions = torch.arange(tokens) + prefix
+        kept = []
+        for h in range(num_heads):
+            n = 0 if (layer == 0 and h == 1) else int(torch.randint(1, tokens + 1, (1,), generator=gen))
+            kept.append(torch.randperm(tokens, generator=gen)[:n].sort().values)
+        layers.append(LayerCache.from_kept(keys, values, positions, kept, headroom=headroom))
+    return CompressedCache(layers, torch.tensor([prefix + tokens + 3]), original_length=prefix + tokens)
+
+
+def make_header(name: str = "doc.pdf") -> dict:
+    return {
+        "model": {
+            "name": "SmolLM2-135M",
+            "fingerprint": FINGERPRINT,
+            "architecture": "llama",
+            "num_layers": 3,
+            "num_kv_heads": 4,
+            "head_dim": 64,
+        },
+        "document": {"name": name, "sha256": "0" * 64, "pages": [[1, 0, 100], [2, 100, 250]], "tokens": 40},
+        "prefix_ids": [1, 2, 3, 4, 5, 6, 7],
+        "method": {"name": "snapkv", "ratio": 0.5, "budget": 20, "agnostic": True},
+        "created": "2025-01-01T00:00:00Z",
+        "unicode": "naïve – ünïcödé ✓",
+    }
+
+
+def assert_same(a: CompressedCache, b: CompressedCache, *, atol: float = 0.0, dtype: torch.dtype | None = None) -> None:
+    assert len(a.layers) == len(b.layers)
+    assert a.original_length == b.original_length
+    assert a.next_position.tolist() == b.next_position.tolist()
+    for la, lb in zip(a.layers, b.layers):
+        assert la.lengths[0].tolist() == lb.lengths[0].tolist()
+        for h in range(la.num_kv_heads):
+            ka, va, pa = la.head_rows(0, h)
+            kb, vb, pb = lb.head_rows(0, h)
+            assert torch.equal(pa, pb)
+            if dtype is not None:
+                ka, va = ka.to(dtype), va.to(dtype)
+            assert kb.dtype == ka.dtype
+            if atol == 0:
+                assert torch.equal(ka, kb) and torch.equal(va, vb)
+            else:
+                torch.testing.assert_close(kb.float(), ka.float(), atol=atol, rtol=0)
+                torch.testing.assert_close(vb.float(), va.float(), atol=atol, rtol=0)
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if ".tmp-" in p.name]
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_exact(tmp_path, dtype):
+    cache = make_cache(dtype=dtype)
+    path = tmp_path / "c.kvc"
+    written = save_cache(path, cache, make_header())
+    assert written == path.stat().st_size
+    loaded, header = load_cache(path)
+    assert_same(cache, loaded)
+    for layer in loaded.layers:
+        assert layer.keys.dtype == dtype
+        # fresh headroom after every head's kept rows
+        assert (layer.capacity_per_head - layer.lengths[0]).tolist() == [DEFAULT_HEADROOM] * layer.num_kv_heads
+        assert (layer.positions[0] == -1).sum() == DEFAULT_HEADROOM * layer.num_kv_heads
+    assert loaded.kept_per_head().tolist() == cache.kept_per_head().tolist()
+    assert header["kv_dtype"] == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def test_only_rows_in_use_are_stored(tmp_path):
+    cache = make_cache(headroom=1000)
+    path = tmp_path / "c.kvc"
+    save_cache(path, cache, make_header())
+    tensors = st_load(path.read_bytes())
+    for i, layer in enumerate(cache.layers):
+        total = int(layer.lengths.sum())
+        assert tensors[f"layer.{i}.keys"].shape == (total, 64)
+        assert tensors[f"layer.{i}.positions"].shape == (total,)
+        assert tensors[f"layer.{i}.lengths"].tolist() == layer.lengths[0].tolist()
+        rows = torch.cat([layer.head_rows(0, h)[0] for h in range(layer.num_kv_heads)])
+        assert torch.equal(tensors[f"layer.{i}.keys"], rows)
+
+
+@pytest.mark.parametrize("kv_dtype,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_cast_on_save(tmp_path, kv_dtype, dtype):
+    cache = make_cache(dtype=torch.float32)
+    path = tmp_path / "c.kvc"
+    save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
+    loaded, header = load_cache(path)
+    assert header["kv_dtype"] == kv_dtype
+    assert_same(cache, loaded, dtype=dtype)
+    loaded32, _ = load_cache(path, dtype=torch.float32)
+    assert loaded32.layers[0].keys.dtype == torch.float32
+
+
+def test_header_round_trip(tmp_path):
+    cache = make_cache()
+    path = tmp_path / "c.kvc"
+    header = make_header()
+    save_cache(path, cache, header)
+    read = read_header(path)
+    _, loaded = load_cache(path)
+    assert read == loaded
+    for key, value in header.items():
+        assert read[key] == value
+    assert read["format"] == "kvcli-cache"
+    assert read["format_version"] == 1
+    assert read["kvcli_version"] == kvcli.__version__
+    assert read["original_length"] == cache.original_length
+    assert read["next_position"] == int(cache.next_position[0])
+    assert read["num_layers"] == 3
+    assert read["quantization"] is None
+    assert read["lengths"] == cache.kept_per_head().tolist()
+    assert len(read["checksum"]) == 64
+    assert "checksum" not in header  # the caller's dict is not modified
+
+
+def test_loaded_cache_can_append(tmp_path):
+    cache = make_cache()
+    path = tmp_path / "c.kvc"
+    save_cache(path, cache, make_header())
+    loaded, _ = load_cache(path)
+    n = 5
+    before = [layer.offsets.clone() for layer in loaded.layers]
+    for layer, old in zip(loaded.layers, before):
+        keys = torch.randn(1, layer.num_kv_heads, n, 64)
+        layer.append(keys, keys * 2, torch.arange(n).unsqueeze(0) + int(loaded.next_position[0]))
+        assert torch.equal(layer.offsets, old)  # fitted in the headroom, no reallocation
+        for h in range(layer.num_kv_heads):
+            k, v, p = layer.head_rows(0, h)
+            assert torch.equal(k[-n:], keys[0, h])
+            assert p[-n:].tolist() == list(range(int(loaded.next_position[0]), int(loaded.next_position[0]) + n))
+    assert loaded.kept_per_head().tolist() == (cache.kept_per_head() + n).tolist()
+
+
+def test_saves_a_sequence_view_and_rejects_batches(tmp_path):
+    cache = make_cache()
+    with pytest.raises(KvcliError, match="single-sequence"):
+        save_cache(tmp_path / "b.kvc", cache.repeat(2), make_header())
+    assert not (tmp_path / "b.kvc").exists()
+    with pytest.raises(KvcliError, match="unknown kv dtype"):
+        save_cache(tmp_path / "b.kvc", cache, make_header(), kv_dtype="int3")
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def _group_bound(x: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
+    """The documented bound per value, from the data: [..., D]."""
+    dim = x.shape[-1]
+    padded = dim + (-dim) % group
+    g = torch.nn.functional.pad(x.float(), (0, padded - dim)).reshape(*x.shape[:-1], padded // group, group)
+    if bits == 8:
+        bound = g.abs().amax(-1) / 254 * (1 + 2**-10)
+    else:
+        lo, hi = g.amin(-1), g.amax(-1)
+        bound = ((hi - lo) + lo.abs() * 2**-10) / 30 * (1 + 2**-10)
+    bound = bound + g.abs().amax(-1) * 2**-22 + 1e-30  # float32 dequantization rounding
+    return bound.unsqueeze(-1).expand_as(g).reshape(*x.shape[:-1], padded)[..., :dim]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_error_bound(bits):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 128, generator=gen) * torch.logspace(-3, 2, 300).unsqueeze(1)
+    x[0] = 0  # all-zero groups
+    x[1] = 3.25  # constant groups
+    x[2] = 100 + torch.randn(128, generator=gen) * 1e-3  # far from 0, tiny spread
+    x[3, 5] = 500  # one outlier channel: only its group is coarse
+    x[4] = -7.0 + torch.rand(128, generator=gen)
+    parts = quantize(x, bits, 32)
+    out = dequantize(*parts, bits=bits, group_size=32, dim=128)
+    err = (out - x).abs()
+    scale_bound = parts[1].float().repeat_interleave(32, -1) / 2 * (1 + 2**-20) + x.abs() * 2**-23
+    assert bool((err <= scale_bound).all()), float((err - scale_bound).max())
+    assert bool((err <= _group_bound(x, bits)).all())
+    assert float(err[0].max()) == 0
+    if bits == 8:
+        assert parts[0].dtype == torch.int8 and parts[0].shape == (300, 128)
+    else:
+        assert parts[0].dtype == torch.uint8 and parts[0].shape == (300, 64)  # two codes a byte
+        assert parts[2].shape == (300, 4)
+    # the outlier coarsens only its own group of 32
+    assert float(err[3, 32:].max()) <= float(err[3, 32:].abs().max() + _group_bound(x[3:4], bits)[0, 32:].max())
+
+
+@pytest.mark.parametrize("kv_dtype,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_round_trip(tmp_path, kv_dtype, bits):
+    cache = make_cache(num_layers=2, tokens=200, head_dim=128, dtype=torch.float16, headroom=2)
+    ref = tmp_path / "fp16.kvc"
+    path = tmp_path / f"{kv_dtype}.kvc"
+    size16 = save_cache(ref, cache, make_header())
+    size = save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
+    loaded, header = load_cache(path)
+    assert header["kv_dtype"] == kv_dtype
+    assert header["quantization"] == {"bits": bits, "group_size": 32, "scheme": "symmetric" if bits == 8 else "asymmetric"}
+    assert loaded.layers[0].keys.dtype == torch.float16  # the source dtype by default
+    assert loaded.next_position.tolist() == cache.next_position.tolist()
+    for la, lb in zip(cache.layers, loaded.layers):
+        assert la.lengths.tolist() == lb.lengths.tolist()
+        for h in range(la.num_kv_heads):
+            for a, b in zip(la.head_rows(0, h)[:2], lb.head_rows(0, h)[:2]):
+                # the bound, plus the fp16 rounding of the dequantized value
+                bound = _group_bound(a, bits) + a.float().abs() * 2**-10 + 6e-8
+                assert bool(((b.float() - a.float()).abs() <= bound).all())
+            assert torch.equal(la.head_rows(0, h)[2], lb.head_rows(0, h)[2])
+    # sizes: payload D bytes + 2 per 32 (int8), D/2 + 4 per 32 (int4), vs 2D; plus positions
+    ratio = size / size16
+    expected = {8: (128 + 8) / 256, 4: (64 + 16) / 256}[bits]
+    assert expected < ratio < expected + 0.04, ratio
+    as32, _ = load_cache(path, dtype=torch.float32)
+    assert as32.layers[0].keys.dtype == torch.float32
+
+
+def test_quantized_odd_head_dim(tmp_path):
+    cache = make_cache(head_dim=80)  # not a multiple of 32: the last group is padded
+    for kv_dtype, bits in (("int8", 8), ("int4", 4)):
+        path = tmp_path / f"{kv_dtype}.kvc"
+        save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
+        loaded, _ = load_cache(path)
+        for la, lb in zip(cache.layers, loaded.layers):
+            a, b = la.head_rows(0, 2)[0], lb.head_rows(0, 2)[0]
+            assert b.shape == a.shape
+            assert bool(((b - a).abs() <= _group_bound(a, bits)).all())
+
+
+def test_quantize_refuses_non_finite(tmp_path):
+    cache = make_cache()
+    cache.layers[1].keys[0, 0, 0] = float("inf")
+    with pytest.raises(KvcliError, match="non-finite"):
+        save_cache(tmp_path / "c.kvc", cache, make_header(), kv_dtype="int8")
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- broken files
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    path = tmp_path / "c.kvc"
+    save_cache(path, make_cache(), make_header())
+    return path
+
+
+def header_length(path: Path) -> int:
+    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_missing_and_not_a_file(tmp_path):
+    with pytest.raises(KvcliError, match="does not exist"):
+        load_cache(tmp_path / "nope.kvc")
+    with pytest.raises(KvcliError, match="is not a file"):
+        read_header(tmp_path)
+
+
+def test_truncated(saved):
+    data = saved.read_bytes()
+    hlen = header_length(saved)
+    cuts = [9, 8 + hlen // 2, 8 + hlen - 1, 8 + hlen, 8 + hlen + 1, (8 + hlen + len(data)) // 2, len(data) - 1]
+    for cut in cuts:
+        saved.write_bytes(data[:cut])
+        for read in (load_cache, read_header):
+            with pytest.raises(KvcliError) as e:
+                read(saved)
+            message = str(e.value)
+            assert message.startswith(f"{saved} is truncated: {cut} bytes, expected"), message
+            assert "\n" not in message
+            if cut >= 8 + hlen:
+                assert message.endswith(f"expected {len(data)}")
+    for cut in (0, 3):
+        saved.write_bytes(data[:cut])
+        with pytest.raises(KvcliError, match="is not a kvcli cache file"):
+            load_cache(saved)
+    saved.write_bytes(data + b"\0")
+    with pytest.raises(KvcliError, match="is corrupted"):
+        load_cache(saved)
+
+
+def test_flipped_data_byte(saved):
+    data = bytearray(saved.read_bytes())
+    start = 8 + header_length(saved)
+    for where in (start, (start + len(data)) // 2, len(data) - 1):
+        broken = bytearray(data)
+        broken[where] ^= 0x01
+        saved.write_bytes(broken)
+        read_header(saved)  # the header is fine
+        with pytest.raises(KvcliError, match=r"is corrupted \(checksum mismatch\)$"):
+            load_cache(saved)
+
+
+def test_flipped_header_bytes(saved):
+    """Every single flipped byte of the header is a one-line KvcliError, never a wrong load.
+
+    (The only flips that load are case flips of a hex digit in a JSON \\u escape, which
+    decode to the very same header.)
+    """
+    data = saved.read_bytes()
+    hlen = header_length(saved)
+    original, header = load_cache(saved)
+    harmless = 0
+    fd = os.open(saved, os.O_RDWR)
+    for where in range(0, 8 + hlen):
+        for mask in (0x01, 0x20):
+            os.pwrite(fd, bytes([data[where] ^ mask]), where)
+            try:
+                loaded, read = load_cache(saved)
+            except KvcliError as e:
+                message = str(e)
+            else:
+                assert read == header and chr(data[where]) in "abcdef"
+                assert_same(original, loaded)
+                harmless += 1
+                continue
+            finally:
+                os.pwrite(fd, data[where : where + 1], where)
+            assert "\n" not in message
+            assert message.startswith(str(saved)), message
+    os.close(fd)
+    assert harmless < 20
+
+
+def test_not_a_safetensors_file(tmp_path):
+    for content in (b"", b"hello", b"hello world, this is plain text\n" * 10, bytes(range(256)) * 4, b'{"a": 1}'):
+        path = tmp_path / "x.kvc"
+        path.write_bytes(content)
+        with pytest.raises(KvcliError, match=r"is not a kvcli cache file"):
+            load_cache(path)
+
+
+def test_safetensors_without_kvcli_metadata(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(st_save({"w": torch.zeros(3)}))
+    with pytest.raises(KvcliError, match=rf"^{path} is not a kvcli cache file$"):
+        load_cache(path)
+    path.write_bytes(st_save({"w": torch.zeros(3)}, metadata={"format": "pt"}))
+    with pytest.raises(KvcliError, match="is not a kvcli cache file"):
+        read_header(path)
+    path.write_bytes(st_save({"w": torch.zeros(3)}, metadata={"kvcli": json.dumps({"format": "other"})}))
+    with pytest.raises(KvcliError, match="is not a kvcli cache file"):
+        load_cache(path)
+    path.write_bytes(st_save({"w": torch.zeros(3)}, metadata={"kvcli": "{not json"}))
+    with pytest.raises(KvcliError, match="is corrupted: unreadable kvcli header"):
+        load_cache(path)
+
+
+def rewrite(path: Path, change) -> None:
+    """Rewrite a .kvc file with its header changed (checksums are not recomputed)."""
+    data = path.read_bytes()
+    hlen = header_length(path)
+    table = json.loads(data[8 : 8 + hlen])
+    header = json.loads(table["__metadata__"]["kvcli"])
+    change(header)
+    path.write_bytes(st_save(st_load(data), metadata={"kvcli": json.dumps(header)}))
+
+
+def test_wrong_format_version(saved):
+    rewrite(saved, lambda h: h.update(format_version=2))
+    with pytest.raises(KvcliError, match=rf"^{saved} was written by format version 2; this kvcli reads version 1$"):
+        load_cache(saved)
+    with pytest.raises(KvcliError, match="format version 2"):
+        read_header(saved)
+
+
+def test_edited_header_is_detected(saved):
+    rewrite(saved, lambda h: h.update(original_length=h["original_length"] + 1))
+    with pytest.raises(KvcliError, match=r"is corrupted \(header checksum mismatch\)"):
+        load_cache(saved)
+
+
+def test_structural_damage_is_a_clean_error(saved):
+    def drop_layer(h):
+        h["num_layers"] = 2
+        h["lengths"] = h["lengths"][:2]
+        h["header_checksum"] = cachefile._header_checksum(h)
+
+    rewrite(saved, drop_layer)
+    with pytest.raises(KvcliError, match="is corrupted: unexpected tensor layer.2"):
+        load_cache(saved)
+
+
+def test_expected_model(saved):
+    loaded, header = load_cache(saved, expected_model=FINGERPRINT)
+    other = "def456" + "0" * 58
+    with pytest.raises(KvcliError) as e:
+        load_cache(saved, expected_model=other)
+    message = str(e.value)
+    assert message == (
+        f"{saved} was made by model SmolLM2-135M (fingerprint {FINGERPRINT[:12]}…); "
+        f"the current model has fingerprint {other[:12]}…"
+    )
+    with pytest.raises(KvcliError, match=r"the current model is Qwen3-0.6B \(def4560000"):
+        load_cache(saved, expected_model=other, expected_model_name="Qwen3-0.6B")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_interrupt_keeps_old_file(saved, monkeypatch, where):
+    old = saved.read_bytes()
+    real_write = cachefile._write_chunks
+
+    def half_then_interrupt(fileobj, data):
+        real_write(fileobj, data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "write":
+        monkeypatch.setattr(cachefile, "_write_chunks", half_then_interrupt)
+    elif where == "fsync":
+        monkeypatch.setattr(cachefile.os, "fsync", interrupt)
+    else:
+        monkeypatch.setattr(cachefile.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_cache(saved, make_cache(seed=5), make_header("other.pdf"))
+    monkeypatch.undo()
+    assert saved.read_bytes() == old
+    assert temp_files(saved.parent) == []
+    load_cache(saved)
+
+
+def test_disk_full(saved, monkeypatch):
+    old = saved.read_bytes()
+
+    def full(fileobj, data):
+        fileobj.write(data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cachefile, "_write_chunks", full)
+    with pytest.raises(KvcliError, match=rf"^cannot write {saved}: disk full"):
+        save_cache(saved, make_cache(seed=5), make_header())
+    assert saved.read_bytes() == old
+    assert temp_files(saved.parent) == []
+    # a new target on a full disk: nothing left behind at all
+    with pytest.raises(KvcliError, match="disk full"):
+        save_cache(saved.parent / "new.kvc", make_cache(seed=5), make_header())
+    assert sorted(os.listdir(saved.parent)) == ["c.kvc"]
+
+
+def test_unwritable_directory(tmp_path):
+    with pytest.raises(KvcliError, match="cannot write"):
+        save_cache(tmp_path / "missing" / "c.kvc", make_cache(), make_header())
+
+
+def _race_writer(path: str, seed: int, rounds: int, barrier) -> None:
+    torch.set_num_threads(1)
+    cache = make_cache(seed=seed, tokens=300, head_dim=64)
+    barrier.wait()
+    for _ in range(rounds):
+        save_cache(path, cache, make_header(f"seed{seed}"))
+
+
+def test_two_writers_race(tmp_path):
+    path = tmp_path / "c.kvc"
+    caches = {seed: make_cache(seed=seed, tokens=300, head_dim=64) for seed in (1, 2)}
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_race_writer, args=(str(path), seed, 60, barrier)) for seed in caches]
+    for p in procs:
+        p.start()
+    seen = set()
+    # read while they write: every file we can see is complete
+    while any(p.is_alive() for p in procs):
+        if path.exists():
+            loaded, header = load_cache(path)
+            seed = int(header["document"]["name"][4:])
+            assert_same(caches[seed], loaded)
+            seen.add(seed)
+        time.sleep(0.01)
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    loaded, header = load_cache(path)
+    assert_same(caches[int(header["document"]["name"][4:])], loaded)
+    assert temp_files(tmp_path) == []
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_cachefile import make_cache, make_header
+    from kvcli.cachefile import save_cache
+    cache = make_cache(seed=9, num_layers=4, num_heads=4, tokens=1500, head_dim=128)
+    print("ready", flush=True)
+    while True:
+        save_cache({path!r}, cache, make_header("new"))
+    """
+)
+
+
+def test_sigkill_during_write(tmp_path):
+    path = tmp_path / "c.kvc"
+    old_cache = make_cache(seed=3)
+    save_cache(path, old_cache, make_header("old"))
+    new_cache = make_cache(seed=9, num_layers=4, num_heads=4, tokens=1500, head_dim=128)
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), path=str(path))
+    outcomes = []
+    for delay in (0.02, 0.15, 0.4):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == b"ready"
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGSTOP)  # frozen mid-write: the target is still whole
+            loaded, header = load_cache(path)
+            assert_same(old_cache if header["document"]["name"] == "old" else new_cache, loaded)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        loaded, header = load_cache(path)
+        outcomes.append(header["document"]["name"])
+        assert_same(old_cache if header["document"]["name"] == "old" else new_cache, loaded)
+        # a killed writer cannot clean up: its one temp file may remain, never under the target name
+        for name in temp_files(tmp_path):
+            assert name.startswith(".c.kvc.tmp-")
+            (tmp_path / name).unlink()

@@ -1,0 +1,284 @@
+"""Triton kernels (kvcli.kernels) against their plain torch references.
+
+Without a CUDA device the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 must
+be set before any kernel module is imported (@triton.jit reads it), hence the top of this
+file (tests/conftest.py should do the same, so that test order never matters).
+With CUDA the same cases run on the GPU, plus larger ones (GPU_ONLY).
+
+Error bounds: relative RMS, ||out - ref|| / ||ref||, per dtype (ERR_* below). The
+interpreter's tl.dot is wrong for bf16 operands, so under the interpreter the kernels
+upcast bf16 tiles to fp32 before tl.dot (after rounding P to bf16, as on the GPU); bf16
+is therefore tested everywhere, but the real bf16 tensor-core path only on CUDA.
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kvcli.cache import LayerCache, attend_reference  # noqa: E402
+from kvcli.kernels import interpreting, triton_available  # noqa: E402
+from kvcli.kernels.compaction import compact, compact_reference  # noqa: E402
+from kvcli.kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    make_cache,
+    skewed_lengths,
+)
+from kvcli.kernels.window_scores import window_scores, window_scores_reference  # noqa: E402
+from kvcli.window import window_attention_torch  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
+GPU = DEVICE == "cuda"
+GPU_ONLY = pytest.mark.skipif(not GPU, reason="large shapes: CUDA only (too slow in the interpreter)")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# relative RMS bounds. decode output is rounded to the input dtype (bf16: 8 bits of mantissa)
+ERR_ATTN = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# window scores are fp32; 16-bit inputs give exact products accumulated in fp32
+ERR_SCORES = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp(min=1e-30)).item()
+
+
+def test_triton_available():
+    assert triton_available(DEVICE)
+    if interpreting():
+        assert triton_available("cpu")
+
+
+# --------------------------------------------------------------------------- decode attention
+
+# per (B=2, Hkv=3): 0, 1, a non-multiple of the 64-row block, > 2 blocks, mixed
+DECODE_LENGTHS = [[0, 1, 37], [150, 64, 200]]
+
+
+def _decode_case(batch, lengths, num_kv_heads, group, head_dim, n, dtype, headroom=7):
+    lengths = torch.tensor(lengths, dtype=torch.int32)
+    keys, values, offsets = make_cache(batch, lengths, head_dim, headroom, dtype, DEVICE)
+    q = torch.randn(batch, num_kv_heads * group, n, head_dim, dtype=dtype, device=DEVICE)
+    return q, keys, values, offsets, lengths.to(DEVICE)
+
+
+# split-K path (3 chunks + combine) and single-chunk path; fp16 only single-chunk (time)
+DTYPE_SPLITS = [("fp32", 1), ("fp32", 3), ("fp16", 1), ("bf16", 1), ("bf16", 3)]
+
+
+@pytest.mark.parametrize(
+    "dtype,splits", [(DTYPES[d], s) for d, s in DTYPE_SPLITS], ids=[f"{d}-splits{s}" for d, s in DTYPE_SPLITS]
+)
+@pytest.mark.parametrize("n", [1, 3, 16], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("group", [1, 4, 8], ids=lambda g: f"G{g}")
+def test_decode_attention(group, head_dim, n, dtype, splits):
+    torch.manual_seed(1000 * group + head_dim + 10 * n + splits)
+    q, keys, values, offsets, lengths = _decode_case(2, DECODE_LENGTHS, 3, group, head_dim, n, dtype)
+    scale = head_dim**-0.5
+    out = decode_attention(q, keys, values, offsets, lengths, scale, num_splits=splits)
+    ref = decode_attention_reference(q, keys, values, offsets, lengths, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert (out[0, :group] == 0).all()  # length-0 head: zeros, not NaN
+    assert rel_rms(out, ref) < ERR_ATTN[dtype]
+
+
+@pytest.mark.parametrize(
+    "batch,num_kv_heads,group,head_dim,n",
+    [(1, 2, 2, 64, 256), (2, 1, 8, 32, 40), (1, 2, 3, 96, 5)],
+    ids=["B1-Hkv2-G2-D64-n256", "B2-Hkv1-G8-D32-n40", "B1-Hkv2-G3-D96-n5"],
+)
+def test_decode_attention_many_queries_odd_shapes(batch, num_kv_heads, group, head_dim, n):
+    """n up to 256 (a question prefilled over the cache: several row blocks), G*n > 64,
+    a non-power-of-two group and head_dim."""
+    torch.manual_seed(7)
+    lengths = torch.randint(n, n + 300, (batch, num_kv_heads)).tolist()
+    q, keys, values, offsets, lengths = _decode_case(batch, lengths, num_kv_heads, group, head_dim, n, torch.float32)
+    for splits in (1, 4):
+        out = decode_attention(q, keys, values, offsets, lengths, 0.1, num_splits=splits)
+        ref = decode_attention_reference(q, keys, values, offsets, lengths, 0.1)
+        assert rel_rms(out, ref) < ERR_ATTN[torch.float32], splits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 3], ids=lambda n: f"n{n}")
+def test_decode_attention_matches_cache_attend_reference(n, dtype):
+    """Against kvcli.cache.attend_reference on a real LayerCache: from_kept + append."""
+    torch.manual_seed(11 + n)
+    num_kv_heads, group, head_dim, length = 2, 4, 64, 90
+    src_k = torch.randn(num_kv_heads, length, head_dim, dtype=dtype, device=DEVICE)
+    src_v = torch.randn_like(src_k)
+    kept = [torch.randperm(length)[:c].sort().values for c in (5, 71)]
+    layer = LayerCache.from_kept(src_k, src_v, torch.arange(length), kept, headroom=8).repeat(2)
+    new = torch.randn(2, num_kv_heads, n, head_dim, dtype=dtype, device=DEVICE)
+    layer.append(new, torch.randn_like(new), torch.arange(length, length + n, device=DEVICE).expand(2, n))
+    q = torch.randn(2, num_kv_heads * group, n, head_dim, dtype=dtype, device=DEVICE)
+    ref = attend_reference(layer, q, 0.125)
+    for splits in (1, 2):
+        out = decode_attention(q, layer.keys, layer.values, layer.offsets, layer.lengths, 0.125, num_splits=splits)
+        assert rel_rms(out, ref) < ERR_ATTN[dtype]
+    ours = decode_attention_reference(q, layer.keys, layer.values, layer.offsets, layer.lengths, 0.125)
+    assert rel_rms(ours, ref) < 1e-6
+
+
+def test_decode_attention_noncontiguous_query_and_lengths_below_n():
+    """q as transformers hands it ([B, n, Hq, D] transposed); heads shorter than n: the
+    queries that see no key give zeros, the others are still right."""
+    torch.manual_seed(3)
+    n, group, head_dim = 4, 2, 64
+    q_bnhd = torch.randn(2, n, 2 * group, head_dim, device=DEVICE)
+    q = q_bnhd.transpose(1, 2)
+    assert not q.is_contiguous()
+    lengths = [[2, 0], [3, 130]]
+    _, keys, values, offsets, lengths = _decode_case(2, lengths, 2, group, head_dim, n, torch.float32)
+    for splits in (1, 3):
+        out = decode_attention(q, keys, values, offsets, lengths, 0.125, num_splits=splits)
+        ref = decode_attention_reference(q, keys, values, offsets, lengths, 0.125)
+        assert torch.isfinite(out).all()
+        assert (out[0, :group, :2] == 0).all()  # length 2, n 4: queries 0 and 1 see nothing
+        assert rel_rms(out, ref) < ERR_ATTN[torch.float32]
+
+
+def test_decode_attention_heuristic_splits_and_error_detection():
+    """The default split heuristic on skewed lengths; and the check bites: a wrong scale fails."""
+    torch.manual_seed(5)
+    lengths = skewed_lengths(4, 300 if not GPU else 6000).view(1, 4).tolist()
+    q, keys, values, offsets, lengths = _decode_case(1, lengths, 4, 2, 64, 2, torch.float32)
+    out = decode_attention(q, keys, values, offsets, lengths, 0.125)
+    ref = decode_attention_reference(q, keys, values, offsets, lengths, 0.125)
+    assert rel_rms(out, ref) < ERR_ATTN[torch.float32]
+    wrong = decode_attention(q, keys, values, offsets, lengths, 0.13)
+    assert rel_rms(wrong, ref) > 100 * ERR_ATTN[torch.float32]
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n", [1, 4, 16], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("mean", [2048, 20000], ids=lambda m: f"mean{m}")
+def test_decode_attention_large_gpu(mean, n, dtype):
+    torch.manual_seed(mean + n)
+    lengths = torch.stack([skewed_lengths(8, mean) for _ in range(2)]).tolist()
+    q, keys, values, offsets, lengths = _decode_case(2, lengths, 8, 4, 128, n, dtype, headroom=512)
+    out = decode_attention(q, keys, values, offsets, lengths, 128**-0.5)
+    ref = decode_attention_reference(q, keys, values, offsets, lengths, 128**-0.5)
+    assert rel_rms(out, ref) < ERR_ATTN[dtype]
+
+
+# --------------------------------------------------------------------------- window scores
+
+# (W, T, causal_offset): window = last W tokens (non-multiple of 64); window in the
+# middle (keys after the window are seen by nobody: score 0); W*G > 64 rows; offset 0
+WINDOWS = [(5, 150, 145), (40, 120, 60), (3, 70, 0)]
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("window,length,offset", WINDOWS, ids=[f"W{w}-T{t}-off{o}" for w, t, o in WINDOWS])
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("group", [1, 4, 8], ids=lambda g: f"G{g}")
+def test_window_scores(group, head_dim, window, length, offset, dtype, reduce):
+    torch.manual_seed(group * 100 + head_dim + window)
+    num_kv_heads = 2
+    q = torch.randn(num_kv_heads * group, window, head_dim, dtype=dtype, device=DEVICE)
+    keys = torch.randn(num_kv_heads, length, head_dim, dtype=dtype, device=DEVICE)
+    ref = window_scores_reference(q, keys, head_dim**-0.5, offset, reduce)
+    for splits in (None, 3):  # pass 1 in one key chunk / in 3 chunks merged by logsumexp
+        out = window_scores(q, keys, head_dim**-0.5, offset, reduce, num_splits=splits)
+        assert out.shape == (num_kv_heads, length) and out.dtype == torch.float32
+        assert rel_rms(out, ref) < ERR_SCORES[dtype], splits
+    assert (out[:, offset + window :] == 0).all()
+    if reduce == "sum":  # every query's probabilities sum to 1, averaged over the group
+        torch.testing.assert_close(out.sum(1).double(), torch.full((num_kv_heads,), float(window), dtype=torch.float64, device=DEVICE), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+def test_window_scores_matches_kvcli_window(reduce):
+    """Same semantics as kvcli.window.window_attention_torch (the CPU path)."""
+    torch.manual_seed(2)
+    q = torch.randn(8, 9, 64, device=DEVICE)
+    keys = torch.randn(2, 120, 64, device=DEVICE)
+    out = window_scores(q, keys, 0.125, 111, reduce)
+    assert rel_rms(out, window_attention_torch(q, keys, 0.125, 111, reduce)) < 1e-5
+    assert rel_rms(window_scores(q, keys, 0.2, 111, reduce), out) > 1e-2  # the check bites
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("length,window,reduce", [(8192, 32, "sum"), (4096, 1024, "max"), (30000, 64, "sum")])
+def test_window_scores_large_gpu(length, window, reduce):
+    torch.manual_seed(length)
+    q = torch.randn(32, window, 128, dtype=torch.bfloat16, device=DEVICE)
+    keys = torch.randn(8, length, 128, dtype=torch.bfloat16, device=DEVICE)
+    out = window_scores(q, keys, 128**-0.5, length - window, reduce)
+    ref = window_scores_reference(q, keys, 128**-0.5, length - window, reduce)
+    assert rel_rms(out, ref) < ERR_SCORES[torch.bfloat16]
+
+
+# --------------------------------------------------------------------------- compaction
+
+COMPACTIONS = {  # name: (counts per head, T, headroom)
+    "Hkv4-zero-and-one": ([3, 0, 70, 1], 80, 5),
+    "Hkv2-all-empty": ([0, 0], 10, 4),
+    "Hkv1-keep-all-no-headroom": ([100], 100, 0),
+    "Hkv8-mixed": ([7, 64, 65, 1, 33, 0, 90, 12], 96, 3),
+}
+
+
+@pytest.mark.parametrize("form", ["list", "tuple"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("case", list(COMPACTIONS))
+def test_compact_matches_from_kept(case, head_dim, dtype, form):
+    counts, length, headroom = COMPACTIONS[case]
+    torch.manual_seed(len(case) + head_dim)
+    num_heads = len(counts)
+    src_k = torch.randn(num_heads, length, head_dim, dtype=dtype, device=DEVICE)
+    src_v = torch.randn_like(src_k)
+    kept = [torch.randperm(length)[:c].sort().values.to(DEVICE) for c in counts]
+    arg = kept if form == "list" else (torch.cat(kept), torch.tensor(counts))
+    out = compact(src_k, src_v, arg, headroom)
+    layer = LayerCache.from_kept(src_k, src_v, torch.arange(length), kept, headroom)
+    ref = compact_reference(src_k, src_v, kept, headroom)
+    for name, got, want, want2 in zip(
+        ("keys", "values", "offsets", "lengths"), out, (layer.keys, layer.values, layer.offsets, layer.lengths), ref
+    ):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), name  # a gather: bit-exact
+        assert torch.equal(got, want2), name
+
+
+def test_compact_detects_wrong_rows():
+    """The comparison bites: dropping one kept index changes the layout."""
+    torch.manual_seed(0)
+    src = torch.randn(2, 20, 64, device=DEVICE)
+    kept = [torch.tensor([1, 5, 9]), torch.tensor([0, 19])]
+    good = compact(src, src, kept, 2)
+    bad = compact(src, src, [torch.tensor([1, 5, 8]), torch.tensor([0, 19])], 2)
+    assert not torch.equal(good[0], bad[0])
+
+
+@GPU_ONLY
+def test_compact_large_gpu():
+    torch.manual_seed(0)
+    src_k = torch.randn(8, 40000, 128, dtype=torch.bfloat16, device=DEVICE)
+    counts = skewed_lengths(8, 10000).clamp(max=40000)
+    kept = [torch.randperm(40000, device=DEVICE)[: int(c)].sort().values for c in counts]
+    out = compact(src_k, src_k, kept, 512)
+    layer = LayerCache.from_kept(src_k, src_k, torch.arange(40000, device=DEVICE), kept, 512)
+    assert torch.equal(out[0], layer.keys) and torch.equal(out[2], layer.offsets)
+
+
+def test_decode_attention_many_splits():
+    """More active chunks than the combine merges per step (lanes merged online, then together)."""
+    torch.manual_seed(9)
+    q, keys, values, offsets, lengths = _decode_case(1, [[2200, 700, 0]], 3, 2, 32, 2, torch.float32)
+    out = decode_attention(q, keys, values, offsets, lengths, 0.2, num_splits=1000, block_n=16)
+    ref = decode_attention_reference(q, keys, values, offsets, lengths, 0.2)
+    assert rel_rms(out, ref) < ERR_ATTN[torch.float32]
