@@ -1,12 +1,13 @@
 import copy
 import os
 
-# Triton kernels run on the CPU through the interpreter; must be set before triton loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run through the interpreter; must be set before triton loads.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,422 @@
+"""Flash-decoding attention over kvcli's flat, variable-length per-head KV cache.
+
+Technique: FlashAttention's online softmax (Dao et al., 2022) with the *split-K* /
+"Flash-Decoding" scheme (Dao, Haziza, Massa, Sizov, 2023): a decode step has few queries,
+so parallelism comes from splitting every KV segment along the sequence into chunks; each
+program writes a partial (row max, row sum, unnormalised output) to scratch and a small
+second kernel combines the chunks. The cache is the one of `kvcli.cache.LayerCache`:
+heads stored back to back, each with its own length (Ada-KV / KVzip budgets), so one
+launch covers every (sequence, KV head) pair with its own length; chunks past a head's
+length do no work, so skewed lengths balance themselves (long heads get more programs).
+
+GQA: the G query heads of a KV head and their n causal queries are packed into one
+[G*n (padded to >= 16), D] operand of `tl.dot`, so each K/V segment is read once per step.
+
+    q        [B, Hq, n, D]     query i sees the first lengths[b, h] - (n - 1 - i) rows
+    keys     [B, C, D]         KV head h owns rows offsets[h] : offsets[h + 1]
+    values   [B, C, D]
+    offsets  [Hkv + 1] int32
+    lengths  [B, Hkv]   int32  (0 allowed: output zeros)
+    out      [B, Hq, n, D]     dtype of q
+
+Rows that see no key at all (lengths 0, or lengths < n for the early queries) get zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def decode_attention_reference(
+    q: torch.Tensor,  # [B, Hq, n, D]
+    keys: torch.Tensor,  # [B, C, D]
+    values: torch.Tensor,  # [B, C, D]
+    offsets: torch.Tensor,  # [Hkv + 1]
+    lengths: torch.Tensor,  # [B, Hkv]
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, n, D], dtype of q
+    """Plain torch, fp32 math, one (sequence, KV head) at a time. Same semantics as
+    `kvcli.cache.attend_reference`, except that rows seeing no key give 0 instead of NaN."""
+    batch, num_q_heads, n, _ = q.shape
+    num_kv_heads = offsets.numel() - 1
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(num_kv_heads):
+            start, length = int(offsets[h]), int(lengths[b, h])
+            k = keys[b, start : start + length].float()  # [S, D]
+            v = values[b, start : start + length].float()
+            qq = q[b, h * group : (h + 1) * group].float()  # [G, n, D]
+            logits = qq @ k.T * scale  # [G, n, S]
+            limit = length - (n - 1 - torch.arange(n, device=q.device))  # [n]
+            visible = torch.arange(length, device=q.device)[None, :] < limit[:, None]  # [n, S]
+            logits = logits.masked_fill(~visible, float("-inf"))
+            probs = torch.nan_to_num(logits.softmax(-1), nan=0.0)  # rows with no key -> 0
+            out[b, h * group : (h + 1) * group] = (probs @ v).to(q.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 operands: exact fp32 products (the default would be tf32 on GPUs).
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _decode_attention_kernel(
+    Q, K, V, Offsets, Lengths,
+    Out,  # [B, Hq, n, D]                 (used when not SPLIT)
+    Mid_m, Mid_l,  # [pairs, splits, M_pad] fp32 (used when SPLIT)
+    Mid_acc,  # [pairs, splits, M_pad, BLOCK_D] fp32
+    scale_log2,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kc, stride_kd,
+    stride_vb, stride_vc, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    num_splits, m_pad, N_Q, CHUNK,  # runtime ints: no recompilation as lengths / n change
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_pair = tl.program_id(0)  # b * HKV + h
+    pid_split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_pair // HKV
+    h = pid_pair % HKV
+    seg_start = tl.load(Offsets + h).to(tl.int64)
+    length = tl.load(Lengths + pid_pair)
+    chunk_lo = pid_split * CHUNK
+    chunk_hi = tl.minimum(chunk_lo + CHUNK, length)
+
+    # packed query rows: r = g * n + i  (query head h*G + g, query i)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < G * N_Q
+    g = rows // N_Q
+    i = rows % N_Q
+    limit = length - (N_Q - 1 - i)  # query i sees rows [0, limit)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + (h * G + g)[:, None].to(tl.int64) * stride_qh
+              + i[:, None] * stride_qn + d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    k_base = K + b.to(tl.int64) * stride_kb + seg_start * stride_kc
+    v_base = V + b.to(tl.int64) * stride_vb + seg_start * stride_vc
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(chunk_lo, chunk_hi, BLOCK_N):
+        n_idx = start + tl.arange(0, BLOCK_N)
+        n_ok = n_idx < chunk_hi
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n_idx[:, None].to(tl.int64) * stride_kc + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n_idx[:, None].to(tl.int64) * stride_vc + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = _dot(q, tl.trans(k), IEEE) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+        visible = (n_idx[None, :] < limit[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: avoid inf - inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v.dtype)  # 16-bit P for the tensor-core PV product, as FlashAttention
+        if UPCAST:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        m_i = m_new
+
+    if SPLIT:
+        # scratch [pairs, m_pad, splits(, BLOCK_D)]: the combine reads a row's splits contiguously
+        mid = (pid_pair.to(tl.int64) * m_pad + rows) * num_splits + pid_split  # [BLOCK_M]
+        # empty chunks are never read by the combine: skip their stores (tensor mask, as the
+        # interpreter rejects scalar & tensor masks)
+        ok = row_ok & ((rows * 0 + chunk_lo) < length)
+        tl.store(Mid_m + mid, m_i, mask=ok)
+        tl.store(Mid_l + mid, l_i, mask=ok)
+        tl.store(Mid_acc + mid[:, None] * BLOCK_D + d[None, :], acc, mask=ok[:, None] & (d < BLOCK_D)[None, :])
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no key seen: acc = 0 -> out = 0
+        o_ptrs = (Out + b.to(tl.int64) * stride_ob + (h * G + g)[:, None].to(tl.int64) * stride_oh
+                  + i[:, None] * stride_on + d[None, :] * stride_od)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    Mid_m, Mid_l, Mid_acc, Lengths, Out,
+    stride_ob, stride_oh, stride_on, stride_od,
+    num_splits, m_pad, N_Q, CHUNK,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (pair, query row): merges the row's active chunks BLOCK_S at a time
+    (lane j merges chunks j, j + BLOCK_S, ... online; the lanes are merged at the end)."""
+    pid_pair = tl.program_id(0)
+    r = tl.program_id(1)  # packed query row g * n + i
+    b = pid_pair // HKV
+    h = pid_pair % HKV
+    length = tl.load(Lengths + pid_pair)
+    active = tl.cdiv(length, CHUNK)  # chunks that hold rows of this head
+    base = (pid_pair.to(tl.int64) * m_pad + r) * num_splits
+    d = tl.arange(0, BLOCK_D)
+    m_v = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    l_v = tl.zeros([BLOCK_S], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for s0 in range(0, active, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < active
+        m_s = tl.load(Mid_m + base + s, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(Mid_l + base + s, mask=s_ok, other=0.0)
+        a_s = tl.load(Mid_acc + (base + s)[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_v, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_v - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l_v = l_v * alpha + l_s * beta
+        acc_v = acc_v * alpha[:, None] + a_s * beta[:, None]
+        m_v = m_new
+    m_all = tl.max(m_v, 0)
+    w = tl.exp2(m_v - tl.where(m_all == float("-inf"), 0.0, m_all))  # [BLOCK_S]
+    l_all = tl.sum(l_v * w, 0)
+    acc = tl.sum(acc_v * w[:, None], 0)  # [BLOCK_D]
+    out = acc / tl.where(l_all > 0, l_all, 1.0)  # no key seen: acc = 0 -> out = 0
+    g = r // N_Q
+    i = r % N_Q
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + (h * G + g).to(tl.int64) * stride_oh + i * stride_on + d * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d < D)
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # interpreter: pretend H100, only changes the split heuristic
+
+
+def choose_splits(max_length: int, pairs: int, block_n: int, num_sms: int, max_splits: int = 1024) -> tuple[int, int]:
+    """(num_splits, chunk rows): chunks of >= 2 blocks; about 32 programs per SM if every
+    head had the max length (Ada-KV skew leaves ~1/3 of them with work, and many small
+    programs keep the last wave's tail short); capped. Empty chunks exit at once."""
+    if max_length <= 0:
+        return 1, block_n
+    by_length = triton.cdiv(max_length, 2 * block_n)
+    wanted = triton.cdiv(32 * num_sms, max(pairs, 1))
+    splits = max(1, min(by_length, wanted, max_splits))
+    return _chunking(max_length, splits, block_n)
+
+
+def _chunking(max_length: int, splits: int, block_n: int) -> tuple[int, int]:
+    chunk = triton.cdiv(triton.cdiv(max(max_length, 1), max(splits, 1)), block_n) * block_n
+    return triton.cdiv(max(max_length, 1), chunk), chunk
+
+
+def launch_config(batch, num_kv_heads, group, n, head_dim, max_length, device, *,
+                  num_splits=None, block_n=None, num_warps=None, num_stages=None) -> dict:
+    """Tile sizes and split-K plan of `decode_attention` (also printed by the benchmark)."""
+    rows = group * n  # packed query rows per KV head
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(max(16, triton.next_power_of_2(rows)), 64 if block_d <= 128 else 32)
+    m_blocks = triton.cdiv(rows, block_m)
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    if num_warps is None:
+        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    if num_stages is None:
+        num_stages = 3 if block_d <= 128 else 2
+    if num_splits is None:
+        splits, chunk = choose_splits(max_length, batch * num_kv_heads * m_blocks, block_n, _num_sms(torch.device(device)))
+    else:
+        splits, chunk = _chunking(max_length, num_splits, block_n)
+    block_s = min(triton.next_power_of_2(splits), 32 if block_d <= 128 else 16)  # combine: splits per step
+    return dict(block_m=block_m, block_n=block_n, block_d=block_d, m_blocks=m_blocks, splits=splits, chunk=chunk,
+                num_warps=num_warps, num_stages=num_stages, block_s=block_s)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, n, D]
+    keys: torch.Tensor,  # [B, C, D]
+    values: torch.Tensor,  # [B, C, D]
+    offsets: torch.Tensor,  # [Hkv + 1] int32
+    lengths: torch.Tensor,  # [B, Hkv] int32
+    scale: float,
+    *,
+    max_length: int | None = None,  # >= lengths.max(); pass it (e.g. max segment size) to avoid a sync
+    num_splits: int | None = None,  # None: heuristic; 1: no split (no combine kernel)
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:  # [B, Hq, n, D], dtype of q
+    batch, num_q_heads, n, head_dim = q.shape
+    assert keys.shape[0] == batch and values.shape == keys.shape and keys.shape[2] == head_dim
+    assert keys.dtype == values.dtype == q.dtype, f"q {q.dtype}, keys {keys.dtype}, values {values.dtype}: cast first"
+    num_kv_heads = offsets.numel() - 1
+    assert num_q_heads % num_kv_heads == 0 and lengths.shape == (batch, num_kv_heads)
+    group = num_q_heads // num_kv_heads
+    out = torch.empty(batch, num_q_heads, n, head_dim, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    offsets = offsets.to(device=q.device, dtype=torch.int32).contiguous()
+    lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    if max_length is None:
+        max_length = int(lengths.max()) if lengths.numel() else 0  # host sync
+
+    cfg = launch_config(batch, num_kv_heads, group, n, head_dim, max_length, q.device,
+                        num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    block_m, block_n, block_d, m_blocks = cfg["block_m"], cfg["block_n"], cfg["block_d"], cfg["m_blocks"]
+    splits, chunk, num_warps, num_stages = cfg["splits"], cfg["chunk"], cfg["num_warps"], cfg["num_stages"]
+    pairs = batch * num_kv_heads
+    split = splits > 1
+
+    ieee = q.dtype == torch.float32
+    upcast = interpreting() and q.dtype == torch.bfloat16  # interpreter's tl.dot mishandles bf16
+    m_pad = m_blocks * block_m
+    if split:
+        mid_m = torch.empty(pairs, m_pad, splits, dtype=torch.float32, device=q.device)
+        mid_l = torch.empty_like(mid_m)
+        mid_acc = torch.empty(pairs, m_pad, splits, block_d, dtype=torch.float32, device=q.device)
+    else:
+        mid_m = mid_l = mid_acc = out  # unused
+    _decode_attention_kernel[(pairs, splits, m_blocks)](
+        q, keys, values, offsets, lengths, out, mid_m, mid_l, mid_acc,
+        scale * LOG2E,
+        *q.stride(), *keys.stride(), *values.stride(), *out.stride(),
+        splits, m_pad, n, chunk,
+        HKV=num_kv_heads, G=group, D=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        SPLIT=split, IEEE=ieee, UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _combine_kernel[(pairs, group * n)](
+            mid_m, mid_l, mid_acc, lengths, out,
+            *out.stride(),
+            splits, m_pad, n, chunk,
+            HKV=num_kv_heads, G=group, D=head_dim,
+            BLOCK_S=cfg["block_s"], BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def skewed_lengths(num_heads: int, mean: int, sigma: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ada-KV-like per-head budgets: lognormal, normalised so the mean is `mean`. [num_heads] int64."""
+    w = torch.empty(num_heads).log_normal_(0.0, sigma, generator=generator)
+    return (w / w.mean() * mean).round().clamp(min=1).long()
+
+
+def make_cache(batch: int, lengths: torch.Tensor, head_dim: int, headroom: int, dtype, device):
+    """Random flat cache: lengths [B, Hkv] -> keys, values [B, C, D], offsets [Hkv + 1] int32."""
+    segment = lengths.max(0).values + headroom  # [Hkv]
+    offsets = torch.zeros(segment.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(segment, 0)
+    capacity = int(offsets[-1])
+    keys = torch.randn(batch, capacity, head_dim, device=device, dtype=dtype)
+    values = torch.randn(batch, capacity, head_dim, device=device, dtype=dtype)
+    return keys, values, offsets.to(device=device, dtype=torch.int32)
+
+
+def benchmark(device: str = "cuda", dtype=torch.bfloat16, means=(2048, 8192, 32768, 131072), ns=(1, 4, 16),
+              copy_elements: int = 2**29) -> None:
+    """Kernel vs torch reference, and achieved GB/s (K/V bytes read / time) vs a device-to-device copy."""
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    num_kv_heads, head_dim, group, batch = 8, 128, 4, 1
+    scale = head_dim ** -0.5
+    # what a plain torch copy achieves on this GPU (read + write of 1 GiB)
+    src = torch.empty(copy_elements, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    t_copy = do_bench(lambda: dst.copy_(src), warmup=25, rep=200)
+    copy_gbs = 2 * src.numel() * src.element_size() / t_copy / 1e6
+    del src, dst
+    print(f"torch device-to-device copy of {2 * copy_elements >> 20} MiB: {copy_gbs:7.0f} GB/s (bytes read + written / time)\n")
+    print(f"decode_attention  B={batch} Hkv={num_kv_heads} G={group} D={head_dim} {dtype}, lognormal(sigma=1) per-head lengths")
+    print(f"{'mean kept':>9} {'max kept':>8} {'n':>3} {'splits':>6} {'kernel us':>9} {'GB/s':>6} {'%copy':>6} {'torch ref us':>12} {'speedup':>7} {'max err':>8}")
+    for mean in means:
+        lengths = torch.stack([skewed_lengths(num_kv_heads, mean) for _ in range(batch)])  # [B, Hkv]
+        keys, values, offsets = make_cache(batch, lengths, head_dim, 512, dtype, device)
+        lengths_d = lengths.to(device=device, dtype=torch.int32)
+        max_len = int(lengths.max())
+        kv_bytes = 2 * int(lengths.sum()) * head_dim * keys.element_size()
+        for n in ns:
+            q = torch.randn(batch, num_kv_heads * group, n, head_dim, device=device, dtype=dtype)
+            fn = lambda: decode_attention(q, keys, values, offsets, lengths_d, scale, max_length=max_len)  # noqa: E731
+            t = do_bench(fn, warmup=25, rep=100)
+            ref_fn = lambda: decode_attention_reference(q, keys, values, offsets, lengths_d, scale)  # noqa: E731
+            t_ref = do_bench(ref_fn, warmup=2, rep=20)
+            err = (fn().float() - ref_fn().float()).abs().max().item()
+            splits = launch_config(batch, num_kv_heads, group, n, head_dim, max_len, device)["splits"]
+            gbs = kv_bytes / t / 1e6
+            print(f"{mean:>9} {max_len:>8} {n:>3} {splits:>6} {t * 1e3:>9.1f} {gbs:>6.0f} {100 * gbs / copy_gbs:>5.0f}% "
+                  f"{t_ref * 1e3:>12.1f} {t_ref / t:>6.1f}x {err:>8.1e}")
+        del keys, values
+
+
+def sweep(device: str = "cuda", dtype=torch.bfloat16, mean: int = 32768, n: int = 1) -> None:
+    """GB/s of every (block_n, num_warps, num_stages, splits) on one shape: to retune the defaults."""
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    num_kv_heads, head_dim, group = 8, 128, 4
+    lengths = skewed_lengths(num_kv_heads, mean).view(1, -1)
+    keys, values, offsets = make_cache(1, lengths, head_dim, 512, dtype, device)
+    lengths_d = lengths.to(device=device, dtype=torch.int32)
+    max_len = int(lengths.max())
+    q = torch.randn(1, num_kv_heads * group, n, head_dim, device=device, dtype=dtype)
+    kv_bytes = 2 * int(lengths.sum()) * head_dim * keys.element_size()
+    default = launch_config(1, num_kv_heads, group, n, head_dim, max_len, device)
+    print(f"sweep: mean kept {mean}, max {max_len}, n={n}; default {default}")
+    print(f"{'block_n':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>8} {'GB/s':>6}")
+    for block_n in (32, 64, 128):
+        for num_warps in (4, 8):
+            for num_stages in (2, 3, 4):
+                for splits in (None, 64, 256):
+                    try:
+                        t = do_bench(lambda: decode_attention(q, keys, values, offsets, lengths_d, 0.1, max_length=max_len,
+                                                              num_splits=splits, block_n=block_n, num_warps=num_warps,
+                                                              num_stages=num_stages), warmup=10, rep=50)
+                    except Exception as exc:  # e.g. out of shared memory
+                        print(f"{block_n:>7} {num_warps:>5} {num_stages:>6} {str(splits):>6}  failed: {type(exc).__name__}")
+                        continue
+                    used = launch_config(1, num_kv_heads, group, n, head_dim, max_len, device, num_splits=splits,
+                                         block_n=block_n)["splits"]
+                    print(f"{block_n:>7} {num_warps:>5} {num_stages:>6} {used:>6} {t * 1e3:>8.1f} {kv_bytes / t / 1e6:>6.0f}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=benchmark.__doc__)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--sweep", action="store_true", help="also sweep tile sizes / splits on one shape")
+    args = parser.parse_args()
+    benchmark(dtype=getattr(torch, args.dtype))
+    if args.sweep:
+        print()
+        sweep(dtype=getattr(torch, args.dtype))
