@@ -101,12 +101,17 @@ class LayerCache:
         stop = start + int(self.lengths[batch, head])
         return self.keys[batch, start:stop], self.values[batch, start:stop], self.positions[batch, start:stop]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Write new tokens after the rows in use: keys/values [B, Hkv, n, D], positions [B, n]."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, *, reserved: bool = False) -> None:
+        """Write new tokens after the rows in use: keys/values [B, Hkv, n, D], positions [B, n].
+
+        reserved=True: the caller reserved the room (see `reserve`), so the capacity check,
+        a device-to-host sync, is skipped: what a CUDA graph needs.
+        """
         batch, num_heads, n, _ = keys.shape
-        free = self.capacity_per_head.unsqueeze(0) - self.lengths  # [B, Hkv]
-        if int(free.min()) < n:
-            self._grow(max(n, int(self.capacity_per_head.max())))
+        if not reserved:
+            free = self.capacity_per_head.unsqueeze(0) - self.lengths  # [B, Hkv]
+            if int(free.min()) < n:
+                self._grow(max(n, int(self.capacity_per_head.max())))
         # dest rows: offsets[h] + lengths[b, h] + i                              # [B, Hkv, n]
         dest = (self.offsets[:-1].unsqueeze(0) + self.lengths).unsqueeze(-1).long() + torch.arange(
             n, device=keys.device

@@ -19,29 +19,81 @@ from kvcli.cache import CompressedCache, attend_reference
 class CacheAttention:
     """Attention backend: new tokens are appended to the cache, then attend over it."""
 
-    def __init__(self, cache: CompressedCache, positions: torch.Tensor):
+    def __init__(self, cache: CompressedCache, positions: torch.Tensor, *, max_lengths: list[int] | None = None):
         self.cache = cache
         self.positions = positions  # [B, n]
+        # With max_lengths (an upper bound of every head's length per layer, i.e. the segment
+        # sizes after `reserve`) nothing waits on the GPU: graph-capturable.
+        self.max_lengths = max_lengths
         self.use_kernel = cache.layers[0].keys.is_cuda
 
     def attend(self, layer_idx, query, key, value, scale):
         layer = self.cache.layers[layer_idx]
-        layer.append(key, value, self.positions)
+        reserved = self.max_lengths is not None
+        layer.append(key, value, self.positions, reserved=reserved)
         if self.use_kernel:
             from kvcli.kernels.decode_attention import decode_attention
 
-            return decode_attention(query, layer.keys, layer.values, layer.offsets, layer.lengths, scale)
+            max_length = self.max_lengths[layer_idx] if reserved else None
+            return decode_attention(query, layer.keys, layer.values, layer.offsets, layer.lengths, scale, max_length=max_length)
         return attend_reference(layer, query, scale)
 
 
 @torch.inference_mode()
-def forward(model, cache: CompressedCache, input_ids: torch.Tensor) -> torch.Tensor:
-    """Run input_ids [B, n] after the cache's contents; returns logits of the last token [B, vocab]."""
+def forward(model, cache: CompressedCache, input_ids: torch.Tensor, *, max_lengths: list[int] | None = None) -> torch.Tensor:
+    """Run input_ids [B, n] after the cache's contents; returns logits of the last token [B, vocab].
+
+    max_lengths: per-layer segment sizes, given when room was reserved (see CacheAttention).
+    """
     n = input_ids.shape[1]
     positions = cache.next_position.unsqueeze(1) + torch.arange(n, device=input_ids.device)  # [B, n]
-    hidden = attention.run_layers(model, input_ids, positions, CacheAttention(cache, positions))
+    hidden = attention.run_layers(model, input_ids, positions, CacheAttention(cache, positions, max_lengths=max_lengths))
     cache.next_position += n
     return attention.logits(model, hidden[:, -1])
+
+
+class GraphedStep:
+    """One decode step (every layer, one token per sequence) captured once as a CUDA graph.
+
+    The compressed cache has static shapes (per-head headroom, lengths on the device), so
+    the step launches the same kernels every time: replaying the graph removes the
+    per-token CPU work (Python, transformers' module calls, ~10 launches per layer) that
+    otherwise dominates decoding at batch 1.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model, cache: CompressedCache, steps: int):
+        cache.reserve(steps + 1)
+        self.model, self.cache = model, cache
+        self.max_lengths = [int(layer.capacity_per_head.max()) for layer in cache.layers]
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.next_position.device)
+        saved = [layer.lengths.clone() for layer in cache.layers], cache.next_position.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: Triton compiles, allocator settles
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(*saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self._restore(*saved)  # capture records, it does not run: state is unchanged, but be explicit
+
+    def _step(self) -> torch.Tensor:
+        return forward(self.model, self.cache, self.tokens, max_lengths=self.max_lengths)
+
+    def _restore(self, lengths, next_position) -> None:
+        for layer, saved in zip(self.cache.layers, lengths):
+            layer.lengths.copy_(saved)
+        self.cache.next_position.copy_(next_position)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, 1] -> logits [B, vocab] (a buffer overwritten by the next call)."""
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
 
 
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -63,11 +115,17 @@ def decode(
     temperature: float = 0.0,
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    cuda_graph: bool | None = None,
 ) -> list[list[int]]:
     """Generate for every sequence of the cache until a stop token or max_new_tokens.
 
     on_token(sequence, token_id) is called as soon as each token is chosen (streaming).
+    cuda_graph: replay one captured decode step (default: on CUDA, for answers > 8 tokens).
     """
+    device = first_logits.device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and max_new_tokens > 8
+    next_logits = GraphedStep(model, cache, max_new_tokens) if cuda_graph else (lambda tokens: forward(model, cache, tokens))
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     batch = first_logits.shape[0]
     outputs: list[list[int]] = [[] for _ in range(batch)]
@@ -86,5 +144,5 @@ def decode(
                 on_token(b, token)
         if all(done) or step == max_new_tokens - 1:
             break
-        logits = forward(model, cache, tokens.unsqueeze(1))
+        logits = next_logits(tokens.unsqueeze(1))
     return outputs

@@ -202,3 +202,16 @@ def test_batch_of_questions_over_one_cache(char_tokenizer):
     batch.reserve(64)
     first = torch.cat([forward(ours, batch.sequence(b), torch.tensor([ids])) for b, ids in enumerate(questions)])
     assert decode(ours, batch, first, max_new_tokens=6, stop_ids=set()) == alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graph_replay_decodes_the_same_tokens_as_eager(char_tokenizer, dtype):
+    _, ours = tiny_llama(8, 2, layers=4)
+    ours.to("cuda", dtype)
+    layout = PromptLayout.build(char_tokenizer, DOCUMENT, QUESTION)
+    result = prefill(ours, layout, make_press("ada-snapkv", ratio=0.3))
+    first = result.last_logits[None]
+    eager = decode(ours, result.cache.clone(), first, max_new_tokens=24, stop_ids=set(), cuda_graph=False)
+    graphed = decode(ours, result.cache.clone(), first, max_new_tokens=24, stop_ids=set(), cuda_graph=True)
+    assert graphed == eager

@@ -1,0 +1,1 @@
+"""Benchmark and workload scripts: run with `python -m kvcli.benchmarks.<name>`; results go to BENCHMARKS.md."""
