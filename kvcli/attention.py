@@ -74,6 +74,32 @@ def run_layer(model, layer_idx: int, hidden: torch.Tensor, position_ids: torch.T
     return out[0] if isinstance(out, tuple) else out
 
 
+def is_prenorm_layer(layer) -> bool:
+    """Llama-style decoder layer: x + attn(norm(x)), then x + mlp(norm(x)), nothing else."""
+    names = {name for name, _ in layer.named_children()}
+    return names == {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def run_layer_split(model, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor, mlp_chunk: int) -> None:
+    """One pre-norm decoder layer, in place on hidden [1, N, H]: attention over all N tokens
+    in one call (the fused causal kernels, no mask), then the MLP chunk by chunk, so its
+    [chunk, intermediate] activations stay small at any length."""
+    _, layers, _, rotary, _ = parts(model)
+    layer = layers[layer_idx]
+    position_embeddings = rotary(hidden, position_ids)
+    attended, _ = layer.self_attn(
+        hidden_states=layer.input_layernorm(hidden),
+        position_embeddings=position_embeddings,
+        attention_mask=None,
+        position_ids=position_ids,
+    )
+    hidden += attended
+    del attended
+    for start in range(0, hidden.shape[1], mlp_chunk):
+        part = hidden[:, start : start + mlp_chunk]
+        part += layer.mlp(layer.post_attention_layernorm(part))
+
+
 def run_layers(model, input_ids: torch.Tensor, position_ids: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
     """The whole forward pass over `backend`: input_ids [B, n] -> last hidden states [B, n, H]."""
     embed, layers, norm, rotary, _ = parts(model)

@@ -75,6 +75,8 @@ class _LayerPrefill:
             first_window = self.length - self.window
             if self.window and stop > first_window:
                 self.window_queries.append(query[0, :, max(first_window - self.start, 0) :])
+        if n == keys.shape[2]:  # the whole prompt at once: plain causal, the fastest kernels
+            return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         mask = causal_lower_right(n, keys.shape[2])
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
@@ -123,8 +125,14 @@ def prefill(
     chunk_size: int = DEFAULT_CHUNK,
     headroom: int = DEFAULT_HEADROOM,
     progress: Callable[[int, int], None] | None = None,
+    whole_attention: bool | None = None,
 ) -> PrefillResult:
-    """Read the prompt (prefix + document [+ question]) and return its compressed cache."""
+    """Read the prompt (prefix + document [+ question]) and return its compressed cache.
+
+    whole_attention: attention over the whole prompt in one fused causal call, only the
+    MLP chunked (default on CUDA: memory stays linear in length there); otherwise both
+    are chunked (the CPU's SDPA may materialize the attention matrix).
+    """
     config = model.config
     num_layers = config.num_hidden_layers
     num_kv_heads = config.num_key_value_heads
@@ -148,19 +156,25 @@ def prefill(
     hidden = embed(torch.tensor([ids], device=device))  # [1, N, H]
     probes = [embed(torch.tensor([p], device=device)) for p in probe_ids]  # [1, P, H] each
     probe_positions = [torch.arange(length, length + len(p), device=device).unsqueeze(0) for p in probe_ids]
-    always = torch.cat([torch.arange(doc_start), torch.arange(doc_stop, length)])  # prefix + question
+    always = torch.cat([torch.arange(doc_start), torch.arange(doc_stop, length)]).to(device)  # prefix + question
 
+    if whole_attention is None:
+        whole_attention = device.type == "cuda"
+    whole_attention = whole_attention and attention.is_prenorm_layer(attention.parts(model)[1][0])
     layers: list[LayerCache] = []
     candidate_scores: list[list[torch.Tensor]] = []
     compression_seconds = 0.0
     for layer_idx in range(num_layers):
         backend = _LayerPrefill(num_kv_heads, head_dim, length, hidden, window, reduce)
         with attention.using(backend):
-            for start in range(0, length, chunk_size):
-                backend.start = start
-                stop = min(start + chunk_size, length)
-                # In place is safe: later chunks read only their own slice of the input.
-                hidden[:, start:stop] = attention.run_layer(model, layer_idx, hidden[:, start:stop], positions[start:stop].unsqueeze(0))
+            if whole_attention:
+                attention.run_layer_split(model, layer_idx, hidden, positions.unsqueeze(0), chunk_size)
+            else:
+                for start in range(0, length, chunk_size):
+                    backend.start = start
+                    stop = min(start + chunk_size, length)
+                    # In place is safe: later chunks read only their own slice of the input.
+                    hidden[:, start:stop] = attention.run_layer(model, layer_idx, hidden[:, start:stop], positions[start:stop].unsqueeze(0))
             backend.probe = True
             for i, probe in enumerate(probes):
                 probes[i] = attention.run_layer(model, layer_idx, probe, probe_positions[i])
@@ -171,13 +185,15 @@ def prefill(
             kept = [torch.arange(length)] * num_kv_heads
             doc_scores = None
         else:
-            observed = backend.observed[:, doc_start:doc_stop].float().cpu() if backend.observed is not None else None
-            doc_scores = scorer.score(Observation(layer_idx, observed, doc_length, num_kv_heads)).float()
+            # Scores stay on the device: sorting 8 heads x 128K tokens per layer on the CPU
+            # costs more than the layer's attention.
+            observed = backend.observed[:, doc_start:doc_stop].float() if backend.observed is not None else None
+            doc_scores = scorer.score(Observation(layer_idx, observed, doc_length, num_kv_heads)).float().to(device)
             chosen = policy.select(layer_idx, num_layers, doc_scores, budget)
             kept = [torch.sort(torch.cat([always, c + doc_start])).values for c in chosen]
         layers.append(LayerCache.from_kept(backend.keys[0], backend.values[0], positions, kept, headroom))
         if isinstance(policy, CrossLayerPolicy) and doc_scores is not None:
-            candidate_scores.append([doc_scores[h, c] for h, c in enumerate(chosen)])
+            candidate_scores.append([doc_scores[h, c].cpu() for h, c in enumerate(chosen)])
             if policy.due(layer_idx, num_layers):
                 _reallocate(policy, layers, candidate_scores, budget, doc_start, length - doc_stop, headroom)
         del backend
