@@ -13,9 +13,24 @@ Layout (a valid safetensors file, loadable without running any code):
     (same for values)
 
 The safetensors metadata holds {"kvcli": json} = the caller's header plus the keys this
-module adds (format, format_version, checksum, lengths, ...); `checksum` is a sha256 over
-the bytes of every tensor in sorted name order and `header_checksum` a sha256 over the
-canonical JSON of the header itself, so any flipped byte is reported, never loaded.
+module adds (format, format_version, checksum, lengths, ...) and `header_checksum`, a
+sha256 over the canonical JSON of the header itself, so any flipped byte is reported,
+never loaded. `checksum` covers the bytes of every tensor:
+
+  format_version 2 (written now): sha256 of the text  "{name}:{sha256 of its bytes}\n"
+      for every tensor in sorted name order; the per-tensor hashes run in parallel
+      (one thread a core: hashlib releases the GIL), overlapped with the device upload.
+  format_version 1 (still read): one sha256 stream over the bytes of every tensor in
+      sorted name order (single-threaded, so slower to verify).
+
+The two schemes give different digests for the same bytes and format_version is under
+`header_checksum`, so a file cannot pass one scheme's check with the other's digest.
+
+Loading reads the data section once into one buffer (parallel preads on the one open
+file, so a concurrent atomic replace cannot mix two files), views the tensors in place,
+uploads each layer's rows as stored (one copy per tensor), and builds the flat layout
+with headroom (and dequantizes int8/int4) on the target device. The returned cache is
+only handed back once the checksum has been verified.
 
 Writes are atomic: a temp file in the same directory, fsync, os.replace, fsync of the
 directory. A crash, a Ctrl-C or a full disk leaves the previous file untouched.
@@ -29,6 +44,7 @@ import json
 import os
 import secrets
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +56,8 @@ from kvcli.errors import KvcliError
 from kvcli.quantize import dequantize, quantize
 
 FORMAT = "kvcli-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "kvcli"
 # Values per quantization group along head_dim: divides every common head_dim (64, 96,
 # 128, 256; others are zero-padded), keeps the fp16 scale overhead at 0.5 bit per value
@@ -50,6 +67,8 @@ GROUP_SIZE = 32
 # safetensors refuses headers over 100 MB; anything bigger is not one of our files.
 MAX_HEADER_BYTES = 100_000_000
 WRITE_CHUNK = 8 << 20
+# Reads are cut into pieces of this size so every core has some to do.
+READ_CHUNK = 16 << 20
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -70,11 +89,39 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def _checksum(chunks: dict[str, memoryview | bytes]) -> str:
+def _threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _checksum_v1(chunks: dict[str, memoryview | bytes]) -> str:
+    """format_version 1: one sha256 stream over every tensor's bytes, sorted by name."""
     digest = hashlib.sha256()
     for name in sorted(chunks):
         digest.update(chunks[name])
     return digest.hexdigest()
+
+
+def _tensor_digest(data: memoryview | bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _combine_digests(digests: dict[str, str]) -> str:
+    """format_version 2: sha256 over the sorted "{name}:{per-tensor sha256}" lines."""
+    text = "".join(f"{name}:{digests[name]}\n" for name in sorted(digests))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checksum_v2(chunks: dict[str, memoryview | bytes], pool: ThreadPoolExecutor | None = None) -> str:
+    """format_version 2 checksum, every tensor hashed on its own thread."""
+    if pool is None:
+        with ThreadPoolExecutor(max_workers=min(_threads(), max(1, len(chunks)))) as own:
+            return _checksum_v2(chunks, own)
+    futures = {name: pool.submit(_tensor_digest, data) for name, data in chunks.items()}
+    return _combine_digests({name: f.result() for name, f in futures.items()})
+
+
+def _checksum(chunks: dict[str, memoryview | bytes], version: int = FORMAT_VERSION) -> str:
+    return _checksum_v1(chunks) if version == 1 else _checksum_v2(chunks)
 
 
 def _header_checksum(header: dict) -> str:
@@ -226,38 +273,41 @@ def save_cache(path: str | os.PathLike, cache: CompressedCache, header: dict, *,
 # --------------------------------------------------------------------------- load
 
 
-def _parse(path: Path, *, read_all: bool) -> tuple[dict, dict, bytes | None, int]:
-    """Validate the file's framing and kvcli header.
-
-    Returns (kvcli header, safetensors tensor table, whole file bytes or None, data start).
-    """
+def _open(path: Path):
     if not path.exists():
         raise KvcliError(f"{path} does not exist")
     if not path.is_file():
         raise KvcliError(f"{path} is not a file")
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise KvcliError(f"{path} is not a kvcli cache file ({size} bytes)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len < 2 or header_len > MAX_HEADER_BYTES:
-                raise KvcliError(f"{path} is not a kvcli cache file")
-            first = f.read(1)
-            if first != b"{":
-                raise KvcliError(f"{path} is not a kvcli cache file")
-            if size < 8 + header_len:
-                raise KvcliError(f"{path} is truncated: {size} bytes, expected at least {8 + header_len}")
-            if read_all:
-                f.seek(0)
-                blob = f.read()
-                raw = blob[8 : 8 + header_len]
-            else:
-                blob = None
-                raw = first + f.read(header_len - 1)
+        return open(path, "rb", buffering=0)
     except OSError as e:
         raise KvcliError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _parse(path: Path, f) -> tuple[dict, dict, int, int]:
+    """Validate the framing and kvcli header of the open file `f`.
+
+    Returns (kvcli header, safetensors tensor table, data start, data length). Only the
+    header is read; the tensors are read later from the same open file.
+    """
+    try:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise KvcliError(f"{path} is not a kvcli cache file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len < 2 or header_len > MAX_HEADER_BYTES:
+            raise KvcliError(f"{path} is not a kvcli cache file")
+        first = f.read(1)
+        if first != b"{":
+            raise KvcliError(f"{path} is not a kvcli cache file")
+        if size < 8 + header_len:
+            raise KvcliError(f"{path} is truncated: {size} bytes, expected at least {8 + header_len}")
+        raw = first + _read_exactly(f, header_len - 1)
+    except OSError as e:
+        raise KvcliError(f"cannot read {path}: {e.strerror or e}") from e
+    if len(raw) < header_len:
+        raise KvcliError(f"{path} is truncated: {8 + len(raw)} bytes, expected at least {8 + header_len}")
     looks_ours = FORMAT.encode() in raw
     try:
         table = json.loads(raw.decode("utf-8"))
@@ -281,8 +331,9 @@ def _parse(path: Path, *, read_all: bool) -> tuple[dict, dict, bytes | None, int
     if header.get("format") != FORMAT:
         raise KvcliError(f"{path} is not a kvcli cache file")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise KvcliError(f"{path} was written by format version {version}; this kvcli reads version {FORMAT_VERSION}")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise KvcliError(f"{path} was written by format version {version}; this kvcli reads versions {readable}")
     try:
         end = max([int(spec["data_offsets"][1]) for spec in table.values()] or [0])
     except (TypeError, KeyError, IndexError, ValueError) as e:
@@ -294,7 +345,18 @@ def _parse(path: Path, *, read_all: bool) -> tuple[dict, dict, bytes | None, int
         raise KvcliError(f"{path} is corrupted: {size} bytes, expected {expected} ({size - expected} trailing bytes)")
     if header.get("header_checksum") != _header_checksum(header):
         raise KvcliError(f"{path} is corrupted (header checksum mismatch)")
-    return header, table, blob, 8 + header_len
+    return header, table, 8 + header_len, end
+
+
+def _read_exactly(f, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        part = f.read(n)
+        if not part:
+            break
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
 
 
 def _check_model(path: Path, header: dict, expected_model: str | None, expected_name: str | None) -> None:
@@ -311,7 +373,9 @@ def _check_model(path: Path, header: dict, expected_model: str | None, expected_
 
 def read_header(path: str | os.PathLike) -> dict:
     """The validated header of a .kvc file, without reading its tensors."""
-    header, _, _, _ = _parse(Path(path), read_all=False)
+    path = Path(path)
+    with _open(path) as f:
+        header, _, _, _ = _parse(path, f)
     return header
 
 
@@ -323,6 +387,7 @@ def load_cache(
     expected_model: str | None = None,
     expected_model_name: str | None = None,
     headroom: int = DEFAULT_HEADROOM,
+    pin_memory: bool | None = None,
 ) -> tuple[CompressedCache, dict]:
     """Read a .kvc file back into a single-sequence CompressedCache with fresh headroom.
 
@@ -330,17 +395,19 @@ def load_cache(
     "fp32"); default: the stored dtype, or for int8/int4 files the dtype the cache had
     when it was saved (`source_dtype`). expected_model: the current model's fingerprint;
     a file made by another model is refused (expected_model_name only improves the message).
+    pin_memory: read into page-locked memory before a CUDA upload (default: see PIN_MEMORY).
     Every failure is a one-line KvcliError.
     """
     path = Path(path)
-    header, table, blob, data_start = _parse(path, read_all=True)
-    _check_model(path, header, expected_model, expected_model_name)
-    try:
-        return _build(path, header, table, blob, data_start, device, dtype, headroom), header
-    except KvcliError:
-        raise
-    except Exception as e:  # anything structural we did not foresee: never a traceback
-        raise KvcliError(f"{path} is corrupted: {type(e).__name__}: {e}") from None
+    with _open(path) as f:
+        header, table, data_start, data_len = _parse(path, f)
+        _check_model(path, header, expected_model, expected_model_name)
+        try:
+            return _build(path, header, table, f, data_start, data_len, device, dtype, headroom, pin_memory), header
+        except KvcliError:
+            raise
+        except Exception as e:  # anything structural we did not foresee: never a traceback
+            raise KvcliError(f"{path} is corrupted: {type(e).__name__}: {e}") from None
 
 
 def _resolve_dtype(path: Path, dtype, header: dict) -> torch.dtype:
@@ -354,7 +421,51 @@ def _resolve_dtype(path: Path, dtype, header: dict) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _build(path, header, table, blob, data_start, device, dtype, headroom) -> CompressedCache:
+# Read into page-locked memory before a CUDA upload? Page-locking is paid per fresh
+# buffer (torch caches freed pinned blocks, so repeated loads in one process reuse it).
+PIN_MEMORY = False
+_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+
+
+class _ReadError(KvcliError):
+    """The file could not be read (reported as is, never as a checksum mismatch)."""
+
+
+def _pread_into(path: Path, fd: int, buf: memoryview, data_start: int, begin: int, end: int) -> None:
+    """Fill buf[begin:end] with the file's bytes at data_start + begin (GIL released)."""
+    pos = begin
+    while pos < end:
+        want = buf[pos:end]
+        try:
+            if hasattr(os, "preadv"):
+                got = os.preadv(fd, [want], data_start + pos)
+            else:  # pragma: no cover - platforms without preadv
+                chunk = os.pread(fd, len(want), data_start + pos)
+                got = len(chunk)
+                want[:got] = chunk
+        except OSError as e:
+            raise _ReadError(f"cannot read {path}: {e.strerror or e}") from None
+        if got <= 0:
+            raise _ReadError(f"{path} is truncated: no data at byte {data_start + pos}")
+        pos += got
+
+
+def _wait(futures) -> None:
+    for future in futures:
+        future.result()
+
+
+def _hash_after(reads, data: memoryview) -> str:
+    _wait(reads)
+    return _tensor_digest(data)
+
+
+def _hash_v1_after(reads, chunks: dict[str, memoryview]) -> str:
+    _wait(reads)
+    return _checksum_v1(chunks)
+
+
+def _build(path, header, table, f, data_start, data_len, device, dtype, headroom, pin_memory) -> CompressedCache:
     def corrupt(reason: str) -> KvcliError:
         return KvcliError(f"{path} is corrupted: {reason}")
 
@@ -369,6 +480,7 @@ def _build(path, header, table, blob, data_start, device, dtype, headroom) -> Co
         raise corrupt("bad num_layers / head_dim")
     if not (isinstance(lengths_all, list) and len(lengths_all) == num_layers):
         raise corrupt("lengths do not match num_layers")
+    group = padded = 0
     if bits is not None:
         quant = header.get("quantization") or {}
         if quant.get("bits") != bits or not isinstance(quant.get("group_size"), int) or quant["group_size"] <= 0:
@@ -376,71 +488,131 @@ def _build(path, header, table, blob, data_start, device, dtype, headroom) -> Co
         group = quant["group_size"]
         padded = -(-head_dim // group) * group
     compute = _resolve_dtype(path, dtype, header)
+    device = torch.device(device)
 
     # The exact tensor table we expect, checked before touching the data.
     expected: dict[str, tuple[str, list[int]]] = {}
+    layer_names: list[list[str]] = []
     for i, lengths in enumerate(lengths_all):
-        if not (isinstance(lengths, list) and lengths and all(isinstance(n, int) and n >= 0 for n in lengths)):
+        if not (isinstance(lengths, list) and lengths and all(type(n) is int and n >= 0 for n in lengths)):
             raise corrupt(f"bad lengths for layer {i}")
         total = sum(lengths)
-        expected[f"layer.{i}.lengths"] = ("I32", [len(lengths)])
-        expected[f"layer.{i}.positions"] = ("I32", [total])
+        names = [f"layer.{i}.lengths", f"layer.{i}.positions"]
+        expected[names[0]] = ("I32", [len(lengths)])
+        expected[names[1]] = ("I32", [total])
         for name in ("keys", "values"):
             if bits is None:
                 expected[f"layer.{i}.{name}"] = ({"fp32": "F32", "fp16": "F16", "bf16": "BF16"}[kv_dtype], [total, head_dim])
+                names.append(f"layer.{i}.{name}")
             else:
                 width = padded if bits == 8 else padded // 2
                 expected[f"layer.{i}.{name}"] = ("I8" if bits == 8 else "U8", [total, width])
                 expected[f"layer.{i}.{name}.scales"] = ("F16", [total, padded // group])
+                names += [f"layer.{i}.{name}", f"layer.{i}.{name}.scales"]
                 if bits == 4:
                     expected[f"layer.{i}.{name}.zeros"] = ("F16", [total, padded // group])
+                    names.append(f"layer.{i}.{name}.zeros")
+        layer_names.append(names)
     missing = sorted(set(expected) - set(table))
     extra = sorted(set(table) - set(expected))
     if missing:
         raise corrupt(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
         raise corrupt(f"unexpected tensor {extra[0]}")
-    chunks = {}
-    data_len = len(blob) - data_start
+    spans: dict[str, tuple[int, int]] = {}
     for name, (st_dtype, shape) in expected.items():
         spec = table[name]
-        if spec.get("dtype") != st_dtype or spec.get("shape") != shape:
-            raise corrupt(f"tensor {name} is {spec.get('dtype')} {spec.get('shape')}, expected {st_dtype} {shape}")
+        if not isinstance(spec, dict) or spec.get("dtype") != st_dtype or spec.get("shape") != shape:
+            got = spec if not isinstance(spec, dict) else f"{spec.get('dtype')} {spec.get('shape')}"
+            raise corrupt(f"tensor {name} is {got}, expected {st_dtype} {shape}")
         begin, end = spec["data_offsets"]
         numel = 1
         for s in shape:
             numel *= s
-        if not (0 <= begin <= end <= data_len and end - begin == numel * _ST_SIZES[st_dtype]):
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len and end - begin == numel * _ST_SIZES[st_dtype]):
             raise corrupt(f"tensor {name} has bad data offsets")
-        chunks[name] = memoryview(blob)[data_start + begin : data_start + end]
-    if _checksum(chunks) != header.get("checksum"):
-        raise KvcliError(f"{path} is corrupted (checksum mismatch)")
+        spans[name] = (begin, end)
 
-    from safetensors.torch import load as st_load
+    # One buffer for the data section, filled by parallel preads of the one open file.
+    cuda = device.type == "cuda"
+    pin = cuda and (PIN_MEMORY if pin_memory is None else bool(pin_memory))
+    buf = torch.empty(data_len, dtype=torch.uint8, pin_memory=pin)
+    raw = memoryview(buf.numpy()) if data_len else memoryview(bytearray())
+    chunks = {name: raw[b:e] for name, (b, e) in spans.items()}
+    version = header["format_version"]
+    fd = f.fileno()
+    pool = ThreadPoolExecutor(max_workers=_threads())
+    try:
+        # Per layer: its reads, then (v2) the hash of each tensor once its reads are done.
+        # Workers take tasks in order, so a hash task never waits on a read not yet taken.
+        reads: dict[str, list] = {}
+        hashes: dict[str, object] = {}
+        for names in layer_names:
+            for name in names:
+                begin, end = spans[name]
+                reads[name] = [
+                    pool.submit(_pread_into, path, fd, raw, data_start, a, min(a + READ_CHUNK, end))
+                    for a in range(begin, end, READ_CHUNK)
+                ]
+            if version != 1:
+                for name in names:
+                    hashes[name] = pool.submit(_hash_after, reads[name], chunks[name])
+        if version == 1:
+            whole = pool.submit(_hash_v1_after, [r for rs in reads.values() for r in rs], chunks)
 
-    tensors = st_load(blob)
-    del chunks
-    layers = []
-    for i, lengths in enumerate(lengths_all):
-        stored_lengths = tensors[f"layer.{i}.lengths"]
-        if stored_lengths.tolist() != lengths:
-            raise corrupt(f"layer {i} lengths disagree with the header")
-        rows = {}
-        for name in ("keys", "values"):
-            base = f"layer.{i}.{name}"
-            if bits is None:
-                rows[name] = tensors[base].to(compute)
-            else:
-                rows[name] = dequantize(
-                    tensors[base],
-                    tensors[base + ".scales"],
-                    tensors.get(base + ".zeros"),
-                    bits=bits,
-                    group_size=group,
-                    dim=head_dim,
-                    dtype=compute,
-                )
-        layers.append(_layer(rows["keys"], rows["values"], tensors[f"layer.{i}.positions"], lengths, headroom, device))
+        def tensor(name: str) -> torch.Tensor:
+            begin, end = spans[name]
+            st_dtype, shape = expected[name]
+            t = buf[begin:end]
+            if begin % _ST_SIZES[st_dtype]:
+                t = t.clone()  # misaligned (not written by safetensors): copy, then view
+            return t.view(_ST_TORCH[st_dtype]).view(shape)
+
+        def upload(t: torch.Tensor) -> torch.Tensor:
+            return t if device.type == "cpu" else t.to(device, non_blocking=pin)
+
+        layers: list[LayerCache] = []
+        problem: BaseException | None = None
+        try:
+            for i, (names, lengths) in enumerate(zip(layer_names, lengths_all)):
+                _wait(r for name in names for r in reads[name])
+                if tensor(f"layer.{i}.lengths").tolist() != lengths:
+                    raise corrupt(f"layer {i} lengths disagree with the header")
+                rows = {}
+                for name in ("keys", "values"):
+                    base = f"layer.{i}.{name}"
+                    if bits is None:
+                        rows[name] = upload(tensor(base))
+                    else:
+                        rows[name] = dequantize(
+                            upload(tensor(base)),
+                            upload(tensor(base + ".scales")),
+                            upload(tensor(base + ".zeros")) if bits == 4 else None,
+                            bits=bits,
+                            group_size=group,
+                            dim=head_dim,
+                            dtype=compute,
+                        )
+                positions = upload(tensor(f"layer.{i}.positions"))
+                layers.append(_layer(rows["keys"], rows["values"], positions, lengths, headroom, device, compute))
+        except _ReadError:
+            raise
+        except Exception as e:  # reported after the checksum: damaged data says "checksum mismatch"
+            problem = e
+
+        # Nothing is handed back before every byte is verified.
+        if version == 1:
+            digest = whole.result()
+        else:
+            digest = _combine_digests({name: future.result() for name, future in hashes.items()})
+        if digest != header.get("checksum"):
+            raise KvcliError(f"{path} is corrupted (checksum mismatch)")
+        if problem is not None:
+            raise problem
+        if pin:
+            torch.cuda.current_stream(device).synchronize()  # the uploads read `buf`
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     next_position = int(header["next_position"])
     original_length = int(header["original_length"])
     return CompressedCache(
@@ -450,23 +622,38 @@ def _build(path, header, table, blob, data_start, device, dtype, headroom) -> Co
     )
 
 
-def _layer(keys, values, positions, lengths: list[int], headroom: int, device) -> LayerCache:
-    """Flat per-head layout with `headroom` free rows after each head's kept rows."""
-    counts = torch.tensor(lengths, dtype=torch.int64)
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts + headroom, 0)
-    capacity = int(offsets[-1])
-    dest = torch.cat([torch.arange(int(o), int(o) + int(n)) for o, n in zip(offsets[:-1], counts)])
-    flat_keys = keys.new_zeros(1, capacity, keys.shape[-1])
-    flat_values = values.new_zeros(1, capacity, values.shape[-1])
-    flat_positions = torch.full((1, capacity), -1, dtype=torch.int32)
-    flat_keys[0, dest] = keys
-    flat_values[0, dest] = values
-    flat_positions[0, dest] = positions.to(torch.int32)
+def _layer(keys, values, positions, lengths: list[int], headroom: int, device, compute: torch.dtype) -> LayerCache:
+    """Flat per-head layout with `headroom` free rows after each head's kept rows.
+
+    keys/values [total, D] and positions [total] are already on `device` (any float
+    dtype: cast to `compute` by the copies); the layout is built there, one slice copy
+    per head.
+    """
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n + headroom)
+    capacity = starts[-1]
+    dim = keys.shape[-1]
+    on_cpu = device.type == "cpu"
+    # On the GPU one memset is cheapest; on the CPU only the headroom is cleared.
+    make = torch.empty if on_cpu else torch.zeros
+    flat_keys = make(1, capacity, dim, dtype=compute, device=device)
+    flat_values = make(1, capacity, dim, dtype=compute, device=device)
+    flat_positions = torch.full((1, capacity), -1, dtype=torch.int32, device=device)
+    src = 0
+    for start, n in zip(starts[:-1], lengths):
+        if n:
+            flat_keys[0, start : start + n].copy_(keys[src : src + n])
+            flat_values[0, start : start + n].copy_(values[src : src + n])
+            flat_positions[0, start : start + n].copy_(positions[src : src + n])
+        if on_cpu and headroom:
+            flat_keys[0, start + n : start + n + headroom].zero_()
+            flat_values[0, start + n : start + n + headroom].zero_()
+        src += n
     return LayerCache(
-        keys=flat_keys.to(device),
-        values=flat_values.to(device),
-        positions=flat_positions.to(device),
-        offsets=offsets.to(device=device, dtype=torch.int32),
-        lengths=counts.to(device=device, dtype=torch.int32).unsqueeze(0),
+        keys=flat_keys,
+        values=flat_values,
+        positions=flat_positions,
+        offsets=torch.tensor(starts, dtype=torch.int32, device=device),
+        lengths=torch.tensor([lengths], dtype=torch.int32, device=device),
     )

@@ -154,7 +154,7 @@ def test_header_round_trip(tmp_path):
     for key, value in header.items():
         assert read[key] == value
     assert read["format"] == "kvcli-cache"
-    assert read["format_version"] == 1
+    assert read["format_version"] == 2
     assert read["kvcli_version"] == kvcli.__version__
     assert read["original_length"] == cache.original_length
     assert read["next_position"] == int(cache.next_position[0])
@@ -404,11 +404,95 @@ def rewrite(path: Path, change) -> None:
 
 
 def test_wrong_format_version(saved):
-    rewrite(saved, lambda h: h.update(format_version=2))
-    with pytest.raises(KvcliError, match=rf"^{saved} was written by format version 2; this kvcli reads version 1$"):
+    rewrite(saved, lambda h: h.update(format_version=3))
+    with pytest.raises(KvcliError, match=rf"^{saved} was written by format version 3; this kvcli reads versions 1 and 2$"):
         load_cache(saved)
-    with pytest.raises(KvcliError, match="format version 2"):
+    with pytest.raises(KvcliError, match="format version 3"):
         read_header(saved)
+
+
+def tensor_chunks(path: Path) -> dict[str, bytes]:
+    """Every tensor's raw bytes, by name, straight from the file."""
+    data = path.read_bytes()
+    hlen = header_length(path)
+    table = json.loads(data[8 : 8 + hlen])
+    table.pop("__metadata__")
+    return {name: data[8 + hlen + spec["data_offsets"][0] : 8 + hlen + spec["data_offsets"][1]] for name, spec in table.items()}
+
+
+def test_checksum_v2_is_per_tensor(saved):
+    """Version 2: sha256 over the sorted "name:sha256(tensor bytes)" lines."""
+    import hashlib
+
+    header = read_header(saved)
+    chunks = tensor_chunks(saved)
+    lines = "".join(f"{name}:{hashlib.sha256(chunks[name]).hexdigest()}\n" for name in sorted(chunks))
+    assert header["checksum"] == hashlib.sha256(lines.encode()).hexdigest()
+    assert cachefile._checksum_v2(chunks) == header["checksum"]
+    assert cachefile._checksum_v1(chunks) != header["checksum"]  # the schemes never agree
+
+
+def as_version_1(path: Path, *, v1_digest: bool = True) -> None:
+    """Rewrite a file as format version 1 would have written it (old single-stream checksum)."""
+    chunks = tensor_chunks(path)
+
+    def change(h):
+        h["format_version"] = 1
+        if v1_digest:
+            h["checksum"] = cachefile._checksum_v1(chunks)
+        h["header_checksum"] = cachefile._header_checksum(h)
+
+    rewrite(path, change)
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
+def test_reads_version_1_files(tmp_path, kv_dtype):
+    cache = make_cache(dtype=torch.float16)
+    path = tmp_path / "v1.kvc"
+    save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
+    new, _ = load_cache(path)
+    as_version_1(path)
+    assert read_header(path)["format_version"] == 1
+    old, header = load_cache(path)
+    assert header["format_version"] == 1
+    assert_same(new, old)
+    # and its data is still verified, with the old scheme
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(data)
+    with pytest.raises(KvcliError, match=r"is corrupted \(checksum mismatch\)$"):
+        load_cache(path)
+
+
+def test_version_label_and_checksum_scheme_must_agree(saved):
+    """A version-1 label over a version-2 digest (or the reverse) is a mismatch, never a load."""
+    as_version_1(saved, v1_digest=False)
+    with pytest.raises(KvcliError, match=r"is corrupted \(checksum mismatch\)$"):
+        load_cache(saved)
+
+    def v2_with_v1_digest(h):
+        h["format_version"] = 2
+        h["checksum"] = cachefile._checksum_v1(tensor_chunks(saved))
+        h["header_checksum"] = cachefile._header_checksum(h)
+
+    rewrite(saved, v2_with_v1_digest)
+    with pytest.raises(KvcliError, match=r"is corrupted \(checksum mismatch\)$"):
+        load_cache(saved)
+
+
+def test_loaded_tensors_do_not_alias_the_read_buffer(tmp_path, monkeypatch):
+    """Reads are cut into many pieces on many threads; the result owns its memory."""
+    monkeypatch.setattr(cachefile, "READ_CHUNK", 64)
+    cache = make_cache(dtype=torch.bfloat16)
+    path = tmp_path / "c.kvc"
+    save_cache(path, cache, make_header())
+    first, _ = load_cache(path)
+    second, _ = load_cache(path)
+    assert_same(cache, first)
+    first.layers[0].keys.add_(1)
+    assert_same(cache, second)
+    for layer in first.layers:
+        assert layer.keys.is_contiguous() and layer.keys.untyped_storage().nbytes() == layer.keys.numel() * 2
 
 
 def test_edited_header_is_detected(saved):
