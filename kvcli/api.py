@@ -71,6 +71,9 @@ class Compressed:
     first_logits: torch.Tensor | None = None  # question-aware: logits after the question
     source: str | None = None  # the .kvc file it came from
     kept: torch.Tensor | None = None  # [L, Hkv] rows per head as compressed (decoding appends more)
+    # Read in chunks (longer than the context): the plan (context, chunk_size, chunks,
+    # budget, cap) and compact_length, the positions the cache uses (kvcli.longdoc).
+    progressive: dict | None = None
 
     def __post_init__(self):
         if self.kept is None:
@@ -98,6 +101,7 @@ class Compressed:
             "full_bytes": full_bytes,
             "compressed_bytes": int(kept.sum()) * self.bytes_per_row,
             "compression_seconds": self.prefill.compression_seconds if self.prefill else 0.0,
+            **({"progressive": self.progressive} if self.progressive else {}),
         }
 
 
@@ -111,8 +115,18 @@ def stop_ids(model: LoadedModel) -> set[int]:
     return ids
 
 
-def check_fits(model: LoadedModel, prompt_tokens: int, max_new_tokens: int, what: str) -> None:
+def context_limit(model: LoadedModel, max_context: int | None = None) -> int:
+    """Positions a prompt may use: the model's context, or less with --max-context (0: unknown)."""
+    if max_context is not None and max_context < 1:
+        raise KvcliError(f"--max-context must be at least 1 token, got {max_context}")
     limit = model.context_length
+    if max_context is not None:
+        limit = min(limit, max_context) if limit else max_context
+    return limit
+
+
+def check_fits(model: LoadedModel, prompt_tokens: int, max_new_tokens: int, what: str, *, max_context: int | None = None) -> None:
+    limit = context_limit(model, max_context)
     if limit and prompt_tokens + max_new_tokens > limit:
         raise KvcliError(
             f"{what} is {prompt_tokens} tokens; with {max_new_tokens} answer tokens that exceeds "
@@ -129,11 +143,37 @@ def read(
     chunk_size: int = DEFAULT_CHUNK,
     headroom_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: Progress | None = None,
+    max_context: int | None = None,
 ) -> Compressed:
-    """Prefill and compress a document: question-aware if `question` is given, else agnostic."""
+    """Prefill and compress a document: question-aware if `question` is given, else agnostic.
+
+    A prompt that does not fit the context (or `max_context`) with `headroom_tokens` of
+    answer is read progressively in chunks (kvcli.longdoc); `Compressed.progressive` says so.
+    """
     layout = PromptLayout.build(model.tokenizer, document.text, question)
-    what = f"the document {document.name}" + (" with the question" if question else "")
-    check_fits(model, len(layout.all_ids), headroom_tokens, what)
+    limit = context_limit(model, max_context)
+    if limit and len(layout.all_ids) + headroom_tokens > limit:
+        from kvcli import longdoc
+        from kvcli.methods import DEFAULT_METHOD
+
+        if press.scorer is None:  # nothing can be kept whole: the default method, at the most that fits
+            press = make_press(DEFAULT_METHOD, budget=limit)
+        result = longdoc.read_progressive(
+            model.model, layout, press, context=limit, chunk_size=chunk_size, answer_tokens=headroom_tokens,
+            headroom=headroom_tokens + 64, progress=progress,
+        )
+        if press.budget == limit:
+            press = make_press(DEFAULT_METHOD, budget=max(1, int(result.plan.budget)))
+        return Compressed(
+            cache=result.cache,
+            layout=layout,
+            press=press,
+            agnostic=question is None,
+            document_tokens=len(layout.document_ids),
+            prefill=result,
+            first_logits=result.last_logits if question is not None else None,
+            progressive={**result.plan.describe(), "compact_length": result.compact_length},
+        )
     result = prefill(model.model, layout, press, chunk_size=chunk_size, headroom=headroom_tokens + 64, progress=progress)
     return Compressed(
         cache=result.cache,
@@ -143,6 +183,19 @@ def read(
         document_tokens=len(layout.document_ids),
         prefill=result,
         first_logits=result.last_logits if question is not None else None,
+    )
+
+
+def progressive_notice(compressed: Compressed) -> str | None:
+    """The one line the CLI prints when a document was read in chunks (None otherwise)."""
+    plan = compressed.progressive
+    if not plan:
+        return None
+    prompt = compressed.cache.original_length
+    return (
+        f"document is {compressed.document_tokens} tokens ({prompt} with the prompt), more than the model's context of "
+        f"{plan['context']}: read it in {plan['chunks']} chunks of {plan['chunk_size']} with {compressed.press.name} "
+        f"at budget {plan['budget']:g} tokens per head"
     )
 
 
@@ -194,7 +247,10 @@ def answer(
     else:
         question_ids = [compressed.layout.question_part(q) for q in questions]
         longest = max(len(q) for q in question_ids)
-        check_fits(model, compressed.cache.original_length + longest, generation.max_new_tokens, "the document with the question")
+        # What the model sees is the cache's positions (compact after a progressive read) + the question.
+        used = int(compressed.cache.next_position.reshape(-1)[0])
+        limit = compressed.progressive["context"] if compressed.progressive else None
+        check_fits(model, used + longest, generation.max_new_tokens, "the document with the question", max_context=limit)
         cache = compressed.cache.repeat(len(questions))
         cache.reserve(longest + generation.max_new_tokens)
         rows = []
@@ -247,6 +303,7 @@ def ask(
     chunk_size: int = DEFAULT_CHUNK,
     progress: Progress | None = None,
     on_text: TextCallback | None = None,
+    max_context: int | None = None,
 ) -> tuple[Answer, Compressed]:
     """Read `document`, compress it (question-aware unless `agnostic`), answer `question`."""
     press = press or make_press("full")
@@ -259,6 +316,7 @@ def ask(
         chunk_size=chunk_size,
         headroom_tokens=generation.max_new_tokens,
         progress=progress,
+        max_context=max_context,
     )
     (result,) = answer(model, compressed, [question], generation, on_text=on_text, started=started)
     return result, compressed

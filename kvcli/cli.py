@@ -50,7 +50,8 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed when
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (answer, timings, cache statistics) instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")]
 PasswordOpt = Annotated[Optional[str], typer.Option("--password", envvar="KVCLI_PDF_PASSWORD", help="Password of an encrypted PDF.")]
-ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Tokens per prefill chunk (bounds activation memory).")]
+ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Tokens per prefill chunk (bounds activation memory); also the chunk of a document read progressively.")]
+MaxContextOpt = Annotated[Optional[int], typer.Option("--max-context", help="Use at most this many positions (default: the model's context); a longer document is read in chunks, compressing after each.")]
 
 
 class Reporter:
@@ -130,7 +131,7 @@ def _read_questions(question: str | None, questions_file: str | None) -> list[st
 
 def _run_question(
     *, source, question, questions_file=None, model, device, method, ratio, budget, alpha, agnostic, reuse=False,
-    kv_dtype="auto", max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size,
+    kv_dtype="auto", max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size, max_context=None,
 ) -> None:
     import time
 
@@ -158,14 +159,19 @@ def _run_question(
     else:
         with reporter.layers(f"Reading {document.name}") as progress:
             if reuse:
-                compressed, hit = persist.reuse(loaded, document, press, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress)
+                compressed, hit = persist.reuse(
+                    loaded, document, press, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
+                )
                 reporter.note(f"[dim]{'reused' if hit else 'stored'} compressed cache {compressed.source}[/]")
             else:
                 aware = len(questions) == 1 and not agnostic
                 compressed = api.read(
                     loaded, document, press, question=questions[0] if aware else None, chunk_size=chunk_size,
-                    headroom_tokens=max_new_tokens, progress=progress,
+                    headroom_tokens=max_new_tokens, progress=progress, max_context=max_context,
                 )
+        notice = api.progressive_notice(compressed)
+        if notice:
+            reporter.note(f"[dim]{notice}[/]")
         doc_info = api.document_info(document)
     stream = not json_out and len(questions) == 1
     answers = api.answer(loaded, compressed, questions, generation, on_text=_print_text if stream else None, started=started)
@@ -227,13 +233,14 @@ def ask(
     quiet: QuietOpt = False,
     password: PasswordOpt = None,
     chunk_size: ChunkOpt = 2048,
+    max_context: MaxContextOpt = None,
 ) -> None:
     """Answer a question about a document (or a saved .kvc cache)."""
     _guard(lambda: _run_question(
         source=document, question=question, questions_file=questions, model=model, device=device, method=method,
         ratio=ratio, budget=budget, alpha=alpha, agnostic=agnostic, reuse=reuse, kv_dtype=kv_dtype,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, json_out=json_out, quiet=quiet,
-        password=password, chunk_size=chunk_size,
+        password=password, chunk_size=chunk_size, max_context=max_context,
     ))
 
 
@@ -254,6 +261,7 @@ def summarize(
     quiet: QuietOpt = False,
     password: PasswordOpt = None,
     chunk_size: ChunkOpt = 2048,
+    max_context: MaxContextOpt = None,
 ) -> None:
     """Summarize a document (compression is question-agnostic: there is no question)."""
     from kvcli.prompts import SUMMARY_INSTRUCTION
@@ -261,7 +269,7 @@ def summarize(
     _guard(lambda: _run_question(
         source=document, question=SUMMARY_INSTRUCTION, model=model, device=device, method=method, ratio=ratio,
         budget=budget, alpha=alpha, agnostic=True, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        json_out=json_out, quiet=quiet, password=password, chunk_size=chunk_size,
+        json_out=json_out, quiet=quiet, password=password, chunk_size=chunk_size, max_context=max_context,
     ))
 
 
@@ -281,6 +289,7 @@ def compress(
     quiet: QuietOpt = False,
     password: PasswordOpt = None,
     chunk_size: ChunkOpt = 2048,
+    max_context: MaxContextOpt = None,
 ) -> None:
     """Compress a document question-agnostically and save the cache for any later question."""
 
@@ -295,7 +304,12 @@ def compress(
         doc = _load_document(document, password, reporter)
         loaded = _load_model(model, device, reporter)
         with reporter.layers(f"Compressing {doc.name}") as progress:
-            compressed, written = persist.compress(loaded, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress)
+            compressed, written = persist.compress(
+                loaded, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
+            )
+        notice = api.progressive_notice(compressed)
+        if notice:
+            reporter.note(f"[dim]{notice}[/]")
         stats = compressed.stats()
         if json_out:
             sys.stdout.write(json.dumps({"output": output, "bytes": written, "document": api.document_info(doc), "cache": stats}) + "\n")

@@ -60,9 +60,10 @@ def compress(
     kv_dtype: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
     progress: Progress | None = None,
+    max_context: int | None = None,
 ) -> tuple[Compressed, int]:
     """Read `document` question-agnostically, compress it and save it to `output` (atomic)."""
-    compressed = read(model, document, press, question=None, chunk_size=chunk_size, progress=progress)
+    compressed = read(model, document, press, question=None, chunk_size=chunk_size, progress=progress, max_context=max_context)
     written = save_cache(output, compressed.cache, header_for(model, document, compressed, kv_dtype), kv_dtype=kv_dtype)
     compressed.source = str(output)
     return compressed, written
@@ -116,6 +117,7 @@ def reuse(
     kv_dtype: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
     progress: Progress | None = None,
+    max_context: int | None = None,
 ) -> tuple[Compressed, bool]:
     """The stored cache for this document/model/method, compressing it on first use.
 
@@ -128,7 +130,7 @@ def reuse(
         except KvcliError:
             pass  # corrupt or stale: compress again below, replacing it atomically
     path.parent.mkdir(parents=True, exist_ok=True)
-    compressed, _ = compress(model, document, press, path, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress)
+    compressed, _ = compress(model, document, press, path, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context)
     return compressed, False
 
 

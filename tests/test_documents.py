@@ -115,7 +115,7 @@ def test_sample_text_file():
 
 
 def test_questions_answers_appear_in_their_documents():
-    docs = {name: load_document(str(SAMPLES / name)) for name in ("annual_report.pdf", "field_notes.txt")}
+    docs = {name: load_document(str(SAMPLES / name)) for name in ("annual_report.pdf", "field_notes.txt", "long_manual.txt")}
     per_document = {name: 0 for name in docs}
     lines = [line for line in QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
     for line in lines:
