@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from typing import Protocol
 
 import torch
@@ -80,23 +81,71 @@ def is_prenorm_layer(layer) -> bool:
     return names == {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 
 
-def run_layer_split(model, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor, mlp_chunk: int) -> None:
-    """One pre-norm decoder layer, in place on hidden [1, N, H]: attention over all N tokens
-    in one call (the fused causal kernels, no mask), then the MLP chunk by chunk, so its
-    [chunk, intermediate] activations stay small at any length."""
+def rotary_function(attn):
+    """apply_rotary_pos_emb of the attention module's own modeling file (None if it has none)."""
+    return getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+
+
+def _projects_qkv(attn) -> bool:
+    """q/k/v/o projections (and optional q/k norms) as Llama, Mistral, Qwen2 and Qwen3 have them."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in names) and rotary_function(attn) is not None
+
+
+def run_layer_split(model, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor, chunk: int, backend) -> None:
+    """One pre-norm decoder layer, in place on hidden [1, N, H], memory linear in N and small.
+
+    Attention over all N tokens is one fused causal call (no mask: the fastest kernels);
+    everything around it runs `chunk` tokens at a time, so no [N, H] float32 temporaries
+    (RMSNorm's) or [N, intermediate] activations exist: the norm, the q/k/v projections and
+    RoPE write each chunk into the whole-prompt query buffer and the backend's key/value
+    buffers, the output projection and the MLP add into `hidden` chunk by chunk. Same
+    modules and functions as transformers' attention forward, so the same numerics; an
+    attention module of another shape runs whole through transformers (more memory).
+    """
     _, layers, _, rotary, _ = parts(model)
     layer = layers[layer_idx]
-    position_embeddings = rotary(hidden, position_ids)
-    attended, _ = layer.self_attn(
-        hidden_states=layer.input_layernorm(hidden),
-        position_embeddings=position_embeddings,
-        attention_mask=None,
-        position_ids=position_ids,
-    )
-    hidden += attended
-    del attended
-    for start in range(0, hidden.shape[1], mlp_chunk):
-        part = hidden[:, start : start + mlp_chunk]
+    attn = layer.self_attn
+    length = hidden.shape[1]
+    spans = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+    if _projects_qkv(attn):
+        rotate = rotary_function(attn)
+        head_dim = attn.head_dim
+        query = None
+        for start, stop in spans:
+            x = layer.input_layernorm(hidden[:, start:stop])  # [1, c, H]
+            cos, sin = rotary(x, position_ids[:, start:stop])
+            shape = (1, stop - start, -1, head_dim)
+            q = attn.q_proj(x).view(shape)  # [1, c, Hq, D]
+            k = attn.k_proj(x).view(shape)
+            if hasattr(attn, "q_norm"):  # Qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [1, Hq|Hkv, c, D]
+            if query is None:
+                query = q.new_empty(1, q.shape[1], length, head_dim)  # [1, Hq, N, D]
+            query[:, :, start:stop] = q
+            backend.keys[:, :, start:stop] = k
+            backend.values[:, :, start:stop] = attn.v_proj(x).view(shape).transpose(1, 2)
+            del x, q, k
+        attended = backend.attend_prompt(query, attn.scaling)  # [1, Hq, N, D]
+        del query
+        for start, stop in spans:
+            part = attended[:, :, start:stop].transpose(1, 2).reshape(1, stop - start, -1)  # [1, c, Hq D]
+            hidden[:, start:stop] += attn.o_proj(part)
+        del attended
+    else:
+        position_embeddings = rotary(hidden, position_ids)
+        with using(backend):
+            attended, _ = attn(
+                hidden_states=layer.input_layernorm(hidden),
+                position_embeddings=position_embeddings,
+                attention_mask=None,
+                position_ids=position_ids,
+            )
+        hidden += attended
+        del attended
+    for start, stop in spans:
+        part = hidden[:, start:stop]
         part += layer.mlp(layer.post_attention_layernorm(part))
 
 

@@ -72,9 +72,25 @@ class _LayerPrefill:
             self.keys[:, :, self.start : stop] = key
             self.values[:, :, self.start : stop] = value
             keys, values = self.keys[:, :, :stop], self.values[:, :, :stop]
-            first_window = self.length - self.window
-            if self.window and stop > first_window:
-                self.window_queries.append(query[0, :, max(first_window - self.start, 0) :])
+            self._keep_window(query)
+        return self._attention(query, keys, values, scale)
+
+    def attend_prompt(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Queries of the whole prompt [1, Hq, N, D], whose keys/values the caller already
+        wrote into self.keys/self.values (attention.run_layer_split) -> [1, Hq, N, D]."""
+        self.start = 0
+        self._keep_window(query)
+        return self._attention(query, self.keys, self.values, scale)
+
+    def _keep_window(self, query: torch.Tensor) -> None:
+        first_window = self.length - self.window
+        if self.window and self.start + query.shape[2] > first_window:
+            # a copy: a view would keep the whole chunk's queries alive until scoring
+            self.window_queries.append(query[0, :, max(first_window - self.start, 0) :].clone())
+
+    @staticmethod
+    def _attention(query, keys, values, scale):
+        n = query.shape[2]
         if n == keys.shape[2]:  # the whole prompt at once: plain causal, the fastest kernels
             return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         mask = causal_lower_right(n, keys.shape[2])
@@ -168,7 +184,7 @@ def prefill(
         backend = _LayerPrefill(num_kv_heads, head_dim, length, hidden, window, reduce)
         with attention.using(backend):
             if whole_attention:
-                attention.run_layer_split(model, layer_idx, hidden, positions.unsqueeze(0), chunk_size)
+                attention.run_layer_split(model, layer_idx, hidden, positions.unsqueeze(0), chunk_size, backend)
             else:
                 for start in range(0, length, chunk_size):
                     backend.start = start

@@ -282,3 +282,62 @@ def test_decode_attention_many_splits():
     out = decode_attention(q, keys, values, offsets, lengths, 0.2, num_splits=1000, block_n=16)
     ref = decode_attention_reference(q, keys, values, offsets, lengths, 0.2)
     assert rel_rms(out, ref) < ERR_ATTN[torch.float32]
+
+
+# --------------------------------------------------------------------------- fused decode-step ops
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (3, 64), (5, 1000)], ids=["R1-H576", "R3-H64", "R5-H1000"])
+def test_rms_norm_matches_reference(rows, hidden, dtype):
+    from kvcli.kernels.rms_norm import rms_norm, rms_norm_reference
+
+    x = torch.randn(rows, hidden, device=DEVICE, dtype=dtype) * 3
+    weight = torch.randn(hidden, device=DEVICE, dtype=dtype)
+    out = rms_norm(x, weight, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_rms(out, rms_norm_reference(x, weight, 1e-5)) < ERR_ATTN[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("rows,inner", [(1, 1536), (4, 100)], ids=["R1-I1536", "R4-I100"])
+def test_silu_mul_matches_reference(rows, inner, dtype):
+    from kvcli.kernels.silu_mul import silu_mul, silu_mul_reference
+
+    gate_up = torch.randn(rows, 2 * inner, device=DEVICE, dtype=dtype) * 4
+    out = silu_mul(gate_up)
+    assert out.shape == (rows, inner)
+    assert rel_rms(out, silu_mul_reference(gate_up)) < ERR_ATTN[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize(
+    "batch,n,num_q,num_kv,head_dim",
+    [(1, 1, 4, 4, 64), (2, 3, 8, 2, 64), (1, 2, 8, 1, 128)],
+    ids=["B1-n1-G1-D64", "B2-n3-G4-D64", "B1-n2-G8-D128"],
+)
+def test_rope_append_matches_reference(batch, n, num_q, num_kv, head_dim, dtype):
+    from kvcli.kernels.rope_append import rope_append, rope_append_reference
+
+    gen = torch.Generator().manual_seed(batch * 100 + n)
+    qkv = torch.randn(batch * n, (num_q + 2 * num_kv) * head_dim, generator=gen).to(DEVICE, dtype)
+    angle = torch.randn(batch * n, head_dim // 2, generator=gen) * 5
+    cos = torch.cat([angle.cos()] * 2, -1).to(DEVICE, dtype)
+    sin = torch.cat([angle.sin()] * 2, -1).to(DEVICE, dtype)
+    lengths = torch.randint(0, 7, (batch, num_kv), generator=gen, dtype=torch.int32).to(DEVICE)  # rows already in use
+    cache_keys, cache_values, offsets = make_cache(batch, lengths.cpu(), head_dim, headroom=n + 2, dtype=dtype, device=DEVICE)
+    cache_positions = torch.full(cache_keys.shape[:2], -1, dtype=torch.int32, device=DEVICE)
+    token_positions = (torch.arange(n) + 40).expand(batch, n).contiguous().to(DEVICE)
+    states = []
+    for fn in (rope_append, rope_append_reference):
+        keys, values = cache_keys.clone(), cache_values.clone()
+        positions, used = cache_positions.clone(), lengths.clone()
+        q = fn(qkv, cos, sin, keys, values, positions, offsets, used, token_positions, num_q)
+        states.append((q, keys, values, positions, used))
+    (q, keys, values, positions, used), (q_ref, keys_ref, values_ref, positions_ref, used_ref) = states
+    assert q.shape == (batch, num_q, n, head_dim)
+    assert rel_rms(q, q_ref) < ERR_ATTN[dtype]
+    assert rel_rms(keys, keys_ref) < ERR_ATTN[dtype]
+    assert torch.equal(values, values_ref)  # a copy: exact
+    assert torch.equal(positions, positions_ref)
+    assert torch.equal(used, lengths + n) and torch.equal(used_ref, used)

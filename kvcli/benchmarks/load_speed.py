@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--kv-dtype", default="auto", help="stored dtype: auto, bf16, fp16, fp32, int8, int4")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="bf16", help="compute dtype of the loaded cache")
+    parser.add_argument("--pin", action="store_true", help="read into page-locked memory before the GPU upload")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write the file (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the result here")
@@ -105,7 +106,7 @@ def main() -> None:
         header = read_header(path)
         header_s = best_of(lambda: read_header(path), max(args.repeats, 10))
         dtype = _DTYPES[args.dtype]
-        load_s = best_of(lambda: load_cache(path, device=args.device, dtype=dtype), args.repeats, args.device)
+        load_s = best_of(lambda: load_cache(path, device=args.device, dtype=dtype, pin_memory=args.pin), args.repeats, args.device)
     result = {
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "cpus": os.cpu_count(),
@@ -113,6 +114,7 @@ def main() -> None:
         "format_version": header["format_version"],
         "shape": {"layers": args.layers, "heads": args.heads, "head_dim": args.head_dim, "tokens": args.tokens, "ratio": args.ratio},
         "kv_dtype": header["kv_dtype"],
+        "pinned": args.pin,
         "kept_rows": kept,
         "file_gib": size / 2**30,
         "build_s": built,
