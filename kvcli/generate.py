@@ -3,7 +3,8 @@
 gpt-fast's shape: `forward` runs the model over a few new tokens, `decode` loops one token
 at a time and hands each token to a callback as soon as it exists. Attention uses the
 Triton kernel on CUDA (one launch per layer for all heads and their own lengths) and the
-torch reference elsewhere.
+torch reference elsewhere; on CUDA, Llama-style models run the whole step fused
+(kvcli.fastpath: ten launches per layer instead of ~30).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from kvcli import attention
 from kvcli.cache import CompressedCache, attend_reference
+from kvcli.fastpath import FusedDecoder
 
 
 class CacheAttention:
@@ -40,16 +42,31 @@ class CacheAttention:
 
 
 @torch.inference_mode()
-def forward(model, cache: CompressedCache, input_ids: torch.Tensor, *, max_lengths: list[int] | None = None) -> torch.Tensor:
-    """Run input_ids [B, n] after the cache's contents; returns logits of the last token [B, vocab].
+def forward(
+    model,
+    cache: CompressedCache,
+    input_ids: torch.Tensor,
+    *,
+    max_lengths: list[int] | None = None,
+    every_position: bool = False,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """Run input_ids [B, n] after the cache's contents; returns logits of the last token [B, vocab]
+    (or of every new token [B, n, vocab] with every_position: teacher forcing in one pass).
 
     max_lengths: per-layer segment sizes, given when room was reserved (see CacheAttention).
+    fused: the fused Llama-style step (kvcli.fastpath); default: on CUDA when the model has it.
     """
+    if fused is None:
+        fused = cache.layers[0].keys.is_cuda
+    decoder = FusedDecoder.for_model(model) if fused else None
+    if decoder is not None and decoder.accepts(cache):
+        return decoder.forward(cache, input_ids, max_lengths=max_lengths, every_position=every_position)
     n = input_ids.shape[1]
     positions = cache.next_position.unsqueeze(1) + torch.arange(n, device=input_ids.device)  # [B, n]
     hidden = attention.run_layers(model, input_ids, positions, CacheAttention(cache, positions, max_lengths=max_lengths))
     cache.next_position += n
-    return attention.logits(model, hidden[:, -1])
+    return attention.logits(model, hidden if every_position else hidden[:, -1])
 
 
 class GraphedStep:
@@ -62,9 +79,9 @@ class GraphedStep:
     """
 
     @torch.inference_mode()
-    def __init__(self, model, cache: CompressedCache, steps: int):
+    def __init__(self, model, cache: CompressedCache, steps: int, *, fused: bool | None = None):
         cache.reserve(steps + 1)
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.fused = model, cache, fused
         self.max_lengths = [int(layer.capacity_per_head.max()) for layer in cache.layers]
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.next_position.device)
         saved = [layer.lengths.clone() for layer in cache.layers], cache.next_position.clone()
@@ -81,7 +98,7 @@ class GraphedStep:
         self._restore(*saved)  # capture records, it does not run: state is unchanged, but be explicit
 
     def _step(self) -> torch.Tensor:
-        return forward(self.model, self.cache, self.tokens, max_lengths=self.max_lengths)
+        return forward(self.model, self.cache, self.tokens, max_lengths=self.max_lengths, fused=self.fused)
 
     def _restore(self, lengths, next_position) -> None:
         for layer, saved in zip(self.cache.layers, lengths):
