@@ -217,13 +217,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_splits(max_length: int, pairs: int, block_n: int, num_sms: int, max_splits: int = 1024) -> tuple[int, int]:
-    """(num_splits, chunk rows): chunks of >= 2 blocks; about 32 programs per SM if every
-    head had the max length (Ada-KV skew leaves ~1/3 of them with work, and many small
-    programs keep the last wave's tail short); capped. Empty chunks exit at once."""
+    """(num_splits, chunk rows): chunks of >= 2 blocks; about 8 programs per SM if every
+    head had the max length (Ada-KV skew leaves ~1/3 of them with work); capped. Empty
+    chunks exit at once. 8, not more: on an H100 with 8 KV heads of 131K mean (lognormal
+    lengths) 126 splits read at 2.57-2.60 TB/s, 504 splits (32 per SM) at 2.34 TB/s: the
+    combine's scratch traffic and per-program start-up grow with the splits (BENCHMARKS.md)."""
     if max_length <= 0:
         return 1, block_n
     by_length = triton.cdiv(max_length, 2 * block_n)
-    wanted = triton.cdiv(32 * num_sms, max(pairs, 1))
+    wanted = triton.cdiv(8 * num_sms, max(pairs, 1))
     splits = max(1, min(by_length, wanted, max_splits))
     return _chunking(max_length, splits, block_n)
 
@@ -393,10 +395,10 @@ def sweep(device: str = "cuda", dtype=torch.bfloat16, mean: int = 32768, n: int 
     default = launch_config(1, num_kv_heads, group, n, head_dim, max_len, device)
     print(f"sweep: mean kept {mean}, max {max_len}, n={n}; default {default}")
     print(f"{'block_n':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>8} {'GB/s':>6}")
-    for block_n in (32, 64, 128):
+    for block_n in (64, 128, 256):
         for num_warps in (4, 8):
             for num_stages in (2, 3, 4):
-                for splits in (None, 64, 256):
+                for splits in (None, 64, 128, 256):
                     try:
                         t = do_bench(lambda: decode_attention(q, keys, values, offsets, lengths_d, 0.1, max_length=max_len,
                                                               num_splits=splits, block_n=block_n, num_warps=num_warps,
@@ -415,8 +417,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=benchmark.__doc__)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--sweep", action="store_true", help="also sweep tile sizes / splits on one shape")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    parser.add_argument("--sweep-mean", type=int, default=32768, help="mean kept tokens per head of the swept shape")
+    parser.add_argument("--sweep-n", type=int, default=1, help="queries per sequence of the swept shape")
     args = parser.parse_args()
-    benchmark(dtype=getattr(torch, args.dtype))
-    if args.sweep:
+    if not args.sweep_only:
+        benchmark(dtype=getattr(torch, args.dtype))
+    if args.sweep or args.sweep_only:
         print()
-        sweep(dtype=getattr(torch, args.dtype))
+        sweep(dtype=getattr(torch, args.dtype), mean=args.sweep_mean, n=args.sweep_n)

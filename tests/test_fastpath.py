@@ -98,11 +98,13 @@ def tiny_qwen3():
 
 def test_unsupported_models_decode_through_transformers_layers(char_tokenizer):
     reference, ours = tiny_qwen3()
+    reference.to(DEVICE)
+    ours.to(DEVICE)
     assert unsupported_reason(ours) == "model type 'qwen3'"
     layout = PromptLayout.build(char_tokenizer, DOCUMENT, QUESTION)
     result = prefill(ours, layout, make_press("full"))
-    ids = torch.tensor([layout.all_ids])
-    nxt = torch.tensor([[7]])
+    ids = torch.tensor([layout.all_ids], device=DEVICE)
+    nxt = torch.tensor([[7]], device=DEVICE)
     step = forward(ours, result.cache, nxt, fused=True)  # asked for, not available: the plain path
     with torch.no_grad():
         expected = reference(torch.cat([ids, nxt], 1)).logits[0, -1]

@@ -174,7 +174,9 @@ def reuse(model, ids: list[int], ratio: float, chunk_size: int) -> dict:
     from kvcli.prefill import prefill
 
     question = torch.tensor([ids[-QUESTION_TOKENS:]], device="cuda")
+    prefill(model, layout_for(ids[:2048], True), make_press("ada-snapkv", ratio=ratio), chunk_size=chunk_size)  # warm-up
     reread, reread_s = timed(lambda: prefill(model, layout_for(ids, True), make_press("ada-snapkv", ratio=ratio), chunk_size=chunk_size))
+    forward(model, reread.cache, question[:, :1])  # Triton kernels compiled before any timing below
     del reread
     compressed, compress_s = timed(lambda: prefill(model, layout_for(ids[:-QUESTION_TOKENS], False), make_press("kvzip", ratio=ratio), chunk_size=chunk_size))
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,20 +185,25 @@ def reuse(model, ids: list[int], ratio: float, chunk_size: int) -> dict:
         del compressed
         torch.cuda.empty_cache()
 
-        def load():
-            return load_cache(path, device="cuda", dtype=torch.bfloat16)[0]
+        row = {"length": len(ids), "ratio": ratio, "file_gib": size / 2**30, "compress_s": compress_s, "ttft_reread_s": reread_s}
+        # pinned: read into page-locked memory, then one fast upload; torch keeps the freed
+        # pinned block, so a long-lived process (kvcli serve) pays the page-locking once.
+        for pinned in (False, True):
+            def load():
+                return load_cache(path, device="cuda", dtype=torch.bfloat16, pin_memory=pinned)[0]
 
-        def first_token():
-            return forward(model, load(), question).argmax(-1)
+            def first_token():
+                return forward(model, load(), question).argmax(-1)
 
-        first_token()  # warm: Triton kernels compiled, file in the page cache
-        _, reuse_s = timed(first_token)
-        cache, load_s = timed(load)
-        _, question_s = timed(lambda: forward(model, cache, question))
-    return {
-        "length": len(ids), "ratio": ratio, "file_gib": size / 2**30, "compress_s": compress_s, "ttft_reread_s": reread_s,
-        "ttft_reuse_s": reuse_s, "load_s": load_s, "question_s": question_s, "speedup": reread_s / reuse_s,
-    }
+            _, cold_s = timed(first_token)  # first time in this process (Triton warm from above)
+            _, reuse_s = timed(first_token)
+            cache, load_s = timed(load)
+            _, question_s = timed(lambda: forward(model, cache, question))
+            del cache
+            tag = "pinned" if pinned else "pageable"
+            row.update({f"ttft_reuse_{tag}_first_s": cold_s, f"ttft_reuse_{tag}_s": reuse_s, f"load_{tag}_s": load_s,
+                        "question_s": question_s, f"speedup_{tag}": reread_s / reuse_s})
+    return row
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: the device's (fp32 on CPU)")
     parser.add_argument("--method", default="ada-snapkv")
     parser.add_argument("--budget", type=int, default=2048, help="document tokens kept per KV head")
     parser.add_argument("--chunk-size", type=int, default=2048)
@@ -57,7 +58,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the per-question records as JSON")
     args = parser.parse_args()
 
-    model = load_model(args.model, device=args.device)
+    import torch
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    model = load_model(args.model, device=args.device, dtype=dtypes[args.dtype] if args.dtype else None)
     document = load_document(str(SAMPLES / DOCUMENT))
     questions = load_questions([DOCUMENT])[DOCUMENT]
     generation = api.Generation(max_new_tokens=args.max_new_tokens)
