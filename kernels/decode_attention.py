@@ -354,7 +354,7 @@ def benchmark(device: str = "cuda", dtype=torch.bfloat16, means=(2048, 8192, 327
     # what a plain torch copy achieves on this GPU (read + write of 1 GiB)
     src = torch.empty(copy_elements, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    t_copy = do_bench(lambda: dst.copy_(src), warmup=25, rep=200)
+    t_copy = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     copy_gbs = 2 * src.numel() * src.element_size() / t_copy / 1e6
     del src, dst
     print(f"torch device-to-device copy of {2 * copy_elements >> 20} MiB: {copy_gbs:7.0f} GB/s (bytes read + written / time)\n")
@@ -369,9 +369,9 @@ def benchmark(device: str = "cuda", dtype=torch.bfloat16, means=(2048, 8192, 327
         for n in ns:
             q = torch.randn(batch, num_kv_heads * group, n, head_dim, device=device, dtype=dtype)
             fn = lambda: decode_attention(q, keys, values, offsets, lengths_d, scale, max_length=max_len)  # noqa: E731
-            t = do_bench(fn, warmup=25, rep=100)
+            t = do_bench(fn, warmup=25, rep=100, return_mode="median")
             ref_fn = lambda: decode_attention_reference(q, keys, values, offsets, lengths_d, scale)  # noqa: E731
-            t_ref = do_bench(ref_fn, warmup=2, rep=20)
+            t_ref = do_bench(ref_fn, warmup=2, rep=20, return_mode="median")
             err = (fn().float() - ref_fn().float()).abs().max().item()
             splits = launch_config(batch, num_kv_heads, group, n, head_dim, max_len, device)["splits"]
             gbs = kv_bytes / t / 1e6
