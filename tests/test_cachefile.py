@@ -652,3 +652,51 @@ def test_sigkill_during_write(tmp_path):
         for name in temp_files(tmp_path):
             assert name.startswith(".c.kvc.tmp-")
             (tmp_path / name).unlink()
+
+
+# --------------------------------------------------------------------------- answers after a round trip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_answers_from_the_file_equal_answers_from_memory(tmp_path, dtype, char_tokenizer):
+    """A KVzip cache saved and loaded decodes exactly the tokens the in-memory cache decodes."""
+    from kvcli.generate import decode, forward
+    from kvcli.methods import make_press
+    from kvcli.prefill import prefill
+    from kvcli.prompts import PromptLayout
+    from tests.conftest import tiny_llama
+
+    _, model = tiny_llama(8, 2, layers=2)
+    model.to(dtype)
+    layout = PromptLayout.build(char_tokenizer, "The keeper's dog was called Biscuit and slept by the lamp. " * 3, None)
+    cache = prefill(model, layout, make_press("kvzip", ratio=0.4)).cache
+    path = tmp_path / "doc.kvc"
+    save_cache(path, cache, make_header())
+    loaded, _ = load_cache(path, dtype=dtype)
+    question = torch.tensor([layout.question_part("Who slept by the lamp?")])
+    answers = []
+    for c in (cache, loaded):
+        first = forward(model, c, question)
+        answers.append(decode(model, c, first, max_new_tokens=8, stop_ids=set()))
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("kv_dtype,bound", [("int8", 0.01), ("int4", 0.1)])  # measured 0.0013 and 0.017
+def test_quantized_files_answer_with_a_bounded_logit_error(tmp_path, kv_dtype, bound, char_tokenizer):
+    """int8/int4 are lossy: the next-token logits after the question move by a bounded relative error."""
+    from kvcli.generate import forward
+    from kvcli.methods import make_press
+    from kvcli.prefill import prefill
+    from kvcli.prompts import PromptLayout
+    from tests.conftest import tiny_llama
+
+    _, model = tiny_llama(8, 2, layers=2)
+    layout = PromptLayout.build(char_tokenizer, "The keeper's dog was called Biscuit and slept by the lamp. " * 3, None)
+    cache = prefill(model, layout, make_press("kvzip", ratio=0.4)).cache
+    path = tmp_path / "doc.kvc"
+    save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
+    loaded, _ = load_cache(path)
+    question = torch.tensor([layout.question_part("Who slept by the lamp?")])
+    exact, lossy = forward(model, cache.clone(), question), forward(model, loaded, question)
+    error = ((lossy - exact).norm() / exact.norm()).item()
+    assert 0 < error < bound, error
