@@ -1,0 +1,199 @@
+"""What a sweep's rows say: aggregates, tables, and the files written beside results.jsonl.
+
+    results.csv    every run, one line each (the attention error as its mean over layers)
+    summary.json   the aggregates, for pipelines
+    summary.md     the tables in Markdown, ready for a report
+    plot.png       task score and top-1 agreement vs kept ratio per method;
+                   question-aware solid, agnostic dashed, the full cache as a grey line
+
+Each file is written under a temporary name and renamed, so no reader sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from kvcli.methods import METHODS
+from kvcli.sweep import KEY
+
+GROUP = ("method", "ratio", "mode")
+RATIO_ONE = "ratio 1 keeps the whole document: it is the full cache, the first row"
+MEASURES = ("score", "agrees", "top1", "kl", "attention_error_mean", "kept_fraction")
+CSV_FIELDS = [*KEY, "model", *MEASURES, "compressed", "document_tokens", "max_new_tokens", "seconds",
+              "answer", "reference_answer", "expected", "fingerprint", "dtype"]
+
+
+def _order(entry: dict) -> tuple:
+    """Full cache first, then methods in registry order, larger ratios first, aware first."""
+    method = entry["method"]
+    return (METHODS.index(method) if method in METHODS else len(METHODS), -float(entry["ratio"]), entry["mode"] != "aware")
+
+
+def _mean(values: list) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per (method, ratio, mode): runs and the mean of every measure."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in GROUP), []).append(row)
+    entries = []
+    for key, members in groups.items():
+        entry = {**dict(zip(GROUP, key)), "runs": len(members)}
+        entry.update({m: _mean([r.get(m) for r in members]) for m in MEASURES})
+        entries.append(entry)
+    return sorted(entries, key=_order)
+
+
+def score_by(rows: list[dict], column: str) -> tuple[list, list[dict]]:
+    """Mean score per (method, ratio, mode) and value of `column` (task or length)."""
+    values = list(dict.fromkeys(row[column] for row in rows))
+    groups: dict[tuple, dict] = {}
+    for row in rows:
+        entry = groups.setdefault(tuple(row[k] for k in GROUP), {**{k: row[k] for k in GROUP}, "scores": {}})
+        entry["scores"].setdefault(str(row[column]), []).append(row["score"])
+    entries = [{**e, "scores": {k: _mean(v) for k, v in e["scores"].items()}} for e in groups.values()]
+    return values, sorted(entries, key=_order)
+
+
+def summary(rows: list[dict]) -> dict:
+    tasks, by_task = score_by(rows, "task")
+    lengths, by_length = score_by(rows, "length")
+    return {"runs": len(rows), "overall": aggregate(rows), "tasks": tasks, "by_task": by_task, "lengths": lengths, "by_length": by_length}
+
+
+# ---- tables ---------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _shown(entries: list[dict]) -> list[dict]:
+    """Rows worth a line: a method at ratio 1 keeps the whole document, so it is the full
+    cache's row again (the files and the plot keep them)."""
+    return [e for e in entries if e["method"] == "full" or float(e["ratio"]) < 1]
+
+
+def tables(summary_: dict, style: box.Box = box.HEAVY_HEAD) -> list[Table]:
+    """The overall table, then the score per task, then per length (when several)."""
+    overall = Table(title="Score and fidelity to the full cache (means; %)", caption=RATIO_ONE, box=style)
+    for name, justify in [("method", "left"), ("ratio", "right"), ("mode", "left"), ("runs", "right"), ("score %", "right"),
+                          ("same answer %", "right"), ("top-1 %", "right"), ("KL", "right"), ("attn err", "right"), ("kept %", "right")]:
+        overall.add_column(name, justify=justify)
+    for e in _shown(summary_["overall"]):
+        overall.add_row(e["method"], f"{e['ratio']:g}", e["mode"], str(e["runs"]), _pct(e["score"]), _pct(e["agrees"]),
+                        _pct(e["top1"]), _num(e["kl"]), _num(e["attention_error_mean"]), _pct(e["kept_fraction"]))
+    out = [overall, _score_table("Score % per task", summary_["tasks"], summary_["by_task"], style)]
+    if len(summary_["lengths"]) > 1:
+        out.append(_score_table("Score % per length (tokens)", summary_["lengths"], summary_["by_length"], style))
+    return out
+
+
+def _score_table(title: str, columns: list, entries: list[dict], style: box.Box) -> Table:
+    table = Table(title=title, caption=RATIO_ONE, box=style)
+    table.add_column("method")
+    table.add_column("ratio", justify="right")
+    table.add_column("mode")
+    for column in columns:
+        table.add_column(str(column), justify="right")
+    for e in _shown(entries):
+        table.add_row(e["method"], f"{e['ratio']:g}", e["mode"], *(_pct(e["scores"].get(str(c))) for c in columns))
+    return table
+
+
+def markdown(summary_: dict) -> str:
+    """The tables as Markdown, each under its title in bold."""
+    parts = []
+    for table in tables(summary_, style=box.MARKDOWN):
+        title, table.title, table.caption = table.title, None, None  # a Markdown table has neither
+        console = Console(file=io.StringIO(), width=240, color_system=None)
+        console.print(table)
+        text = "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()).strip()
+        parts.append(f"**{title}**\n\n{text}\n")
+    return "\n".join(parts) + f"\n_{RATIO_ONE[0].upper() + RATIO_ONE[1:]}._\n"
+
+
+# ---- files ----------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "expected": " | ".join(row.get("expected", []))})
+    return out.getvalue()
+
+
+def plot_png(summary_: dict, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to bytes
+    import matplotlib.pyplot as plt
+
+    overall = summary_["overall"]
+    full = next((e for e in overall if e["method"] == "full"), None)
+    methods = list(dict.fromkeys(e["method"] for e in overall if e["method"] != "full"))
+    colors = plt.get_cmap("tab10")
+    figure, axes = plt.subplots(1, 2, figsize=(11, 5.5))
+    for panel, (measure, label) in zip(axes, [("score", "task score (%)"), ("top1", "top-1 agreement with full cache (%)")]):
+        for i, method in enumerate(methods):
+            for mode, style in (("aware", "-"), ("agnostic", "--")):
+                points = sorted((e["ratio"], e[measure]) for e in overall if e["method"] == method and e["mode"] == mode and e[measure] is not None)
+                if points:
+                    x, y = zip(*points)
+                    panel.plot(x, [100 * v for v in y], style, marker="o", color=colors(i % 10), label=f"{method} ({mode})")
+        if full is not None and full[measure] is not None:
+            panel.axhline(100 * full[measure], color="grey", linestyle=":", label="full cache")
+        panel.set_xscale("log")
+        ratios = sorted({e["ratio"] for e in overall})
+        panel.set_xticks(ratios, [f"{r:g}" for r in ratios])
+        panel.minorticks_off()
+        panel.set_xlabel("kept ratio of the document")
+        panel.set_ylabel(label)
+        panel.set_ylim(-3, 103)
+        panel.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    figure.suptitle(title, fontsize=10)
+    rows = -(-len(labels) // 4)
+    figure.tight_layout(rect=(0, 0.05 * rows, 1, 1))
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=110)
+    plt.close(figure)
+    return out.getvalue()
+
+
+def write_reports(directory: Path, rows: list[dict], title: str) -> dict:
+    """Write results.csv, summary.json, summary.md and plot.png; returns the summary and their paths."""
+    summary_ = summary(rows)
+    files = {name: directory / name for name in ("results.csv", "summary.json", "summary.md", "plot.png")}
+    write_atomic(files["results.csv"], csv_text(rows).encode())
+    write_atomic(files["summary.json"], json.dumps(summary_, indent=1).encode())
+    write_atomic(files["summary.md"], markdown(summary_).encode())
+    write_atomic(files["plot.png"], plot_png(summary_, title))
+    return {**summary_, "files": {name: str(path) for name, path in files.items()}}

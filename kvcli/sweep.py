@@ -1,0 +1,274 @@
+"""The eval sweep: tasks x lengths x samples, each read with every method, ratio and mode,
+scored and compared with the full cache; one result row per run, resumable.
+
+Per (task, length, sample) the full cache is read once, question-agnostically (an aware
+prompt is the same tokens, so it serves both modes), and answers greedily: that is the
+reference, recorded as method "full". Each (method, ratio, mode) then reads the document
+compressed, is compared with the reference (kvcli.fidelity), answers and is scored
+(kvcli.tasks). A press that keeps the whole document (ratio 1) *is* the full cache, so
+its row is the reference's rather than a recomputation.
+
+Rows are keyed by (task, length, method, ratio, mode, seed, sample) and appended to
+results.jsonl as each run finishes, one line per write, fsynced: an interrupted sweep
+loses at most the run in progress, and the same command run again skips every key
+already in the file. A last line cut short by a crash is dropped on reopening.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kvcli import api, fidelity, tasks
+from kvcli.documents import Document, PageSpan
+from kvcli.errors import KvcliError
+from kvcli.methods import METHODS, make_press
+from kvcli.models import LoadedModel
+from kvcli.prompts import PromptLayout
+from kvcli.tasks import TASKS
+
+MODES = ("aware", "agnostic")
+KEY = ("task", "length", "method", "ratio", "mode", "seed", "sample")
+REFERENCE = ("full", 1.0, "-")  # (method, ratio, mode) of the full-cache row
+RESULTS_FILE = "results.jsonl"
+
+Progress = Callable[[int, int, str], None]  # (runs done, runs in this sweep, what runs now)
+
+
+@dataclass
+class Sweep:
+    tasks: list[str]
+    lengths: list[int]  # tokens: prompt + answer budget, as RULER counts
+    methods: list[str]
+    ratios: list[float]
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    samples: int = 1
+    seed: int = 0
+    max_new_tokens: int | None = None  # None: each task's own budget
+
+    def __post_init__(self):
+        for task in self.tasks:
+            if task not in TASKS:
+                raise KvcliError(f"unknown task {task!r}; choose from: {', '.join(TASKS)}")
+        for method in self.methods:
+            if method not in METHODS:
+                raise KvcliError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
+        for ratio in self.ratios:
+            make_press("snapkv", ratio=ratio)  # the same check and message as everywhere
+        for mode in self.modes:
+            if mode not in MODES:
+                raise KvcliError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
+        if any(length < 1 for length in self.lengths):
+            raise KvcliError("every length must be at least 1 token")
+        if self.samples < 1:
+            raise KvcliError("--samples must be at least 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise KvcliError("--max-new-tokens must be at least 1")
+        if not (self.tasks and self.lengths and self.methods and self.ratios and self.modes):
+            raise KvcliError("nothing to run: give at least one task, length, method, ratio and mode")
+
+    def groups(self) -> list[tuple[str, int, int]]:
+        """(task, length, sample index): one generated sample and its reference each."""
+        return [(task, length, i) for task in self.tasks for length in self.lengths for i in range(self.samples)]
+
+    def variants(self) -> list[tuple[str, float, str]]:
+        """(method, ratio, mode) run on every sample; "full" is the reference, run anyway."""
+        return [(m, r, mode) for mode in self.modes for m in self.methods if m != "full" for r in self.ratios]
+
+    def key(self, group: tuple[str, int, int], variant: tuple[str, float, str]) -> tuple:
+        (task, length, index), (method, ratio, mode) = group, variant
+        return (task, length, method, float(ratio), mode, self.seed, index)
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(float(row[k]) if k == "ratio" else row[k] for k in KEY)
+
+
+class Results:
+    """results.jsonl in `directory`: the rows so far, and appends that survive a crash.
+
+    `identity` (model fingerprint, dtype, answer budget) must match every row already
+    there: results of another model or setting are never mixed into one sweep.
+    """
+
+    def __init__(self, directory: str | os.PathLike, identity: dict):
+        self.directory = Path(directory)
+        self.path = self.directory / RESULTS_FILE
+        self.identity = identity
+        self.rows = self._load()
+        self.done = {row_key(row) for row in self.rows}
+
+    def _load(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise KvcliError(f"cannot read {self.path}: {exc.strerror}") from None
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):  # a crash cut the last line short: drop it
+            os.truncate(self.path, len(complete))
+        rows = []
+        for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+                row_key(row)
+            except (ValueError, KeyError, TypeError):
+                raise KvcliError(f"{self.path}:{number} is not a result row; move the file away to start over") from None
+            differs = [k for k, v in self.identity.items() if row.get(k) != v]
+            if differs:
+                raise KvcliError(
+                    f"{self.path} holds results of another {', '.join(differs)} ({', '.join(f'{k}={row.get(k)}' for k in differs)}); "
+                    "use another --out, or remove it to start over"
+                )
+            rows.append(row)
+        return rows
+
+    def append(self, row: dict) -> None:
+        """One line, one write, fsynced: either the whole row is there or nothing is."""
+        row = {**row, **self.identity}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.rows.append(row)
+        self.done.add(row_key(row))
+
+
+def identity(model: LoadedModel, sweep: Sweep) -> dict:
+    return {"fingerprint": model.fingerprint, "dtype": str(model.dtype).removeprefix("torch."), "max_new_tokens_override": sweep.max_new_tokens}
+
+
+def run(model: LoadedModel, sweep: Sweep, results: Results, *, progress: Progress | None = None) -> int:
+    """Run every (group, variant) not in `results` yet, appending rows; returns runs made."""
+    limit = model.context_length
+    for length in sweep.lengths:
+        if limit and length > limit:
+            raise KvcliError(f"length {length} is more than {model.name}'s context of {limit} tokens")
+    plan = []  # (group, variants to run, whether the reference row is missing)
+    for group in sweep.groups():
+        pending = [v for v in sweep.variants() if sweep.key(group, v) not in results.done]
+        missing_reference = sweep.key(group, REFERENCE) not in results.done
+        if pending or missing_reference:
+            plan.append((group, pending, missing_reference))
+    total = sum(len(pending) + missing for _, pending, missing in plan)
+    done = 0
+    for group, pending, missing_reference in plan:
+        task, length, index = group
+        label = f"{task} {length} #{index}"
+        if progress:
+            progress(done, total, f"{label}: full cache")
+        sample = make_sample(model, sweep, group)
+        document = _document(sample, f"{task}-{length}-{sweep.seed}-{index}")
+        reference, reference_row = _reference(model, sample, document)
+        if missing_reference:
+            results.append({**_fields(sweep, group, REFERENCE), "model": model.name, **reference_row})
+            done += 1
+        for variant in pending:
+            method, ratio, mode = variant
+            if progress:
+                progress(done, total, f"{label}: {method} {ratio:g} {mode}")
+            press = make_press(method, ratio=ratio)
+            if press.budget_for(reference_row["document_tokens"]) is None:
+                row = {**reference_row, "seconds": 0.0}
+            else:
+                row = _compressed_run(model, sample, document, press, mode, reference)
+            results.append({**_fields(sweep, group, variant), "model": model.name, **row})
+            done += 1
+    if progress:
+        progress(done, total, "done")
+    return done
+
+
+def make_sample(model: LoadedModel, sweep: Sweep, group: tuple[str, int, int]) -> tasks.Sample:
+    task, length, index = group
+
+    def prompt_tokens(document: str, question: str) -> int:
+        return len(PromptLayout.build(model.tokenizer, document, question).all_ids)
+
+    return tasks.generate(task, length=length, seed=sweep.seed, index=index, prompt_tokens=prompt_tokens, max_new_tokens=sweep.max_new_tokens)
+
+
+def _document(sample: tasks.Sample, name: str) -> Document:
+    text = sample.context
+    return Document(name=name, text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), pages=[PageSpan(1, 0, len(text))])
+
+
+def _fields(sweep: Sweep, group: tuple[str, int, int], variant: tuple[str, float, str]) -> dict:
+    return dict(zip(KEY, sweep.key(group, variant)))
+
+
+def _reference(model: LoadedModel, sample: tasks.Sample, document: Document) -> tuple[fidelity.Reference, dict]:
+    started = time.perf_counter()
+    full = api.read(model, document, make_press("full"), headroom_tokens=sample.max_new_tokens)
+    reference = fidelity.reference(model, full, sample.question, sample.max_new_tokens)
+    row = _measures(sample, reference.answer, reference.answer, full.stats(), compressed=False, seconds=time.perf_counter() - started)
+    layers = len(full.cache.layers)
+    row.update(top1=1.0, kl=0.0, attention_error=[0.0] * layers, attention_error_mean=0.0)
+    return reference, row
+
+
+def _compressed_run(model: LoadedModel, sample: tasks.Sample, document: Document, press, mode: str, reference: fidelity.Reference) -> dict:
+    started = time.perf_counter()
+    compressed = api.read(model, document, press, question=sample.question if mode == "aware" else None, headroom_tokens=sample.max_new_tokens)
+    measured = fidelity.compare(model, reference, compressed)  # before answering: an aware answer consumes the cache
+    (answer,) = api.answer(model, compressed, [sample.question], api.Generation(max_new_tokens=sample.max_new_tokens))
+    row = _measures(sample, answer.answer, reference.answer, compressed.stats(), compressed=True, seconds=time.perf_counter() - started)
+    errors = measured.attention_error
+    row.update(
+        top1=measured.top1,
+        kl=measured.kl,
+        attention_error=errors,
+        attention_error_mean=sum(errors) / len(errors) if errors else None,
+    )
+    return row
+
+
+def _measures(sample: tasks.Sample, answer: str, reference_answer: str, stats: dict, *, compressed: bool, seconds: float) -> dict:
+    return {
+        "score": tasks.score(sample, answer),
+        "agrees": _normalize(answer) == _normalize(reference_answer),
+        "compressed": compressed,
+        "kept_fraction": stats["kept_fraction"],
+        "document_tokens": stats["document_tokens"],
+        "max_new_tokens": sample.max_new_tokens,
+        "answer": answer,
+        "reference_answer": reference_answer,
+        "expected": list(sample.answers),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def evaluate(model: LoadedModel, sweep: Sweep, directory: str | os.PathLike, *, progress: Progress | None = None) -> dict:
+    """Run `sweep` into `directory`, resuming what is there, and write the reports (also
+    when interrupted). Returns the summary of every row in the folder (kvcli.evalreport),
+    with `runs_made` by this call and the report `files`."""
+    from kvcli.evalreport import write_reports  # it reads this module's row layout: import here, not at the top
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise KvcliError(f"--out {directory} exists and is not a folder")
+    results = Results(directory, identity(model, sweep))
+    made = 0
+    try:
+        made = run(model, sweep, results, progress=progress)
+    finally:  # an interrupted sweep still gets reports of what it finished
+        summary = {}
+        if results.rows:
+            lengths = ",".join(str(n) for n in sorted({row["length"] for row in results.rows}))
+            title = f"{model.name} ({identity(model, sweep)['dtype']}), lengths {lengths}, seed {sweep.seed}"
+            summary = write_reports(directory, results.rows, title)
+    return {**summary, "runs_made": made}
