@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kvcli import eval_cli, serve_cli
 from kvcli.errors import KvcliError
 from kvcli.methods import DEFAULT_METHOD, METHODS
 
@@ -51,6 +52,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (an
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")]
 PasswordOpt = Annotated[Optional[str], typer.Option("--password", envvar="KVCLI_PDF_PASSWORD", help="Password of an encrypted PDF.")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Tokens per prefill chunk (bounds activation memory); also the chunk of a document read progressively.")]
+ServerOpt = Annotated[Optional[str], typer.Option("--server", envvar="KVCLI_SERVER", help="Go through a running `kvcli serve` (http://HOST:PORT or unix:///path): no model load; the server's model is used.")]
 MaxContextOpt = Annotated[Optional[int], typer.Option("--max-context", help="Use at most this many positions (default: the model's context); a longer document is read in chunks, compressing after each.")]
 
 
@@ -131,7 +133,7 @@ def _read_questions(question: str | None, questions_file: str | None) -> list[st
 
 def _run_question(
     *, source, question, questions_file=None, model, device, method, ratio, budget, alpha, agnostic, reuse=False,
-    kv_dtype="auto", max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size, max_context=None,
+    kv_dtype="auto", max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size, max_context=None, server=None,
 ) -> None:
     import time
 
@@ -141,6 +143,12 @@ def _run_question(
     reporter = Reporter(quiet)
     generation = api.Generation(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     questions = _read_questions(question, questions_file)
+    if server:
+        _ask_server(
+            server, reporter, source=source, questions=questions, method=method, ratio=ratio, budget=budget, agnostic=agnostic,
+            reuse=reuse, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, password=password, json_out=json_out,
+        )
+        return
     from_file = persist.is_cache_file(source)
     if from_file and source == "-":
         raise KvcliError("a .kvc cache is read from a file, not stdin")
@@ -193,6 +201,17 @@ def _run_question(
     )
 
 
+def _ask_server(url: str, reporter: Reporter, **request) -> None:
+    """`ask --server`: the server answers (with --reuse, from the cache its manager keeps)."""
+    from kvcli.client import remote_ask
+
+    result = remote_ask(url, **request)
+    sys.stdout.flush()
+    timings = result["timings"]
+    held = f" ({timings['config']})" if "config" in timings else ""
+    reporter.note(f"[dim]served by {url} from {timings['served_from']}{held}; first token {timings['ttft_seconds']:.2f} s[/]")
+
+
 def _guard(fn):
     """KvcliError -> one line on stderr and exit 1; Ctrl-C -> exit 130; never a traceback."""
     try:
@@ -224,7 +243,7 @@ def ask(
     budget: BudgetOpt = None,
     alpha: AlphaOpt = None,
     agnostic: AgnosticOpt = False,
-    reuse: Annotated[bool, typer.Option("--reuse", help="Compress question-agnostically once, keep it in the cache store, reuse it next time.")] = False,
+    reuse: Annotated[bool, typer.Option("--reuse", help="Compress question-agnostically once, keep it in the cache store, reuse it next time (with --server: the server's managed caches).")] = False,
     kv_dtype: KvDtypeOpt = "auto",
     max_new_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
@@ -234,13 +253,14 @@ def ask(
     password: PasswordOpt = None,
     chunk_size: ChunkOpt = 2048,
     max_context: MaxContextOpt = None,
+    server: ServerOpt = None,
 ) -> None:
     """Answer a question about a document (or a saved .kvc cache)."""
     _guard(lambda: _run_question(
         source=document, question=question, questions_file=questions, model=model, device=device, method=method,
         ratio=ratio, budget=budget, alpha=alpha, agnostic=agnostic, reuse=reuse, kv_dtype=kv_dtype,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, json_out=json_out, quiet=quiet,
-        password=password, chunk_size=chunk_size, max_context=max_context,
+        password=password, chunk_size=chunk_size, max_context=max_context, server=server,
     ))
 
 
@@ -277,7 +297,7 @@ def summarize(
 def compress(
     document: Annotated[str, typer.Argument(help="A .pdf, .txt or .md file, or - for stdin.")],
     *,
-    output: Annotated[str, typer.Option("--output", "-o", help="Where to write the .kvc cache.")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write the .kvc cache (with --server and no -o: the server keeps it in its managed caches).")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
     method: Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", help=f"Compression method: {', '.join(METHODS)}.")] = "kvzip",
@@ -290,6 +310,7 @@ def compress(
     password: PasswordOpt = None,
     chunk_size: ChunkOpt = 2048,
     max_context: MaxContextOpt = None,
+    server: ServerOpt = None,
 ) -> None:
     """Compress a document question-agnostically and save the cache for any later question."""
 
@@ -297,9 +318,15 @@ def compress(
         from kvcli import api, persist
         from kvcli.methods import make_press
 
-        if not output.endswith(".kvc"):
+        if output is None and not server:
+            raise KvcliError("give --output FILE.kvc (or --server URL to add the document to the server's managed caches)")
+        if output is not None and not output.endswith(".kvc"):
             raise KvcliError(f"--output must end in .kvc (got {output})")
         reporter = Reporter(quiet)
+        if server:
+            _compress_server(server, reporter, source=document, output=output, method=method, ratio=ratio, budget=budget,
+                             kv_dtype=kv_dtype, password=password, json_out=json_out)
+            return
         press = make_press(method, ratio=ratio, budget=budget, alpha=alpha)
         doc = _load_document(document, password, reporter)
         loaded = _load_model(model, device, reporter)
@@ -319,6 +346,19 @@ def compress(
         )
 
     _guard(run)
+
+
+def _compress_server(url: str, reporter: Reporter, *, json_out: bool, **request) -> None:
+    from kvcli.client import remote_compress
+
+    result = remote_compress(url, **request)
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+    elif "entry" in result:
+        row = result["entry"]
+        reporter.note(f"added {row['document']} ({row['id'][:12]}): {row['config']} on {row['tier']}, {row['bytes'] / 1e6:.1f} MB")
+    else:
+        reporter.note(f"wrote {result['output']}: {result['bytes'] / 1e6:.1f} MB (by {url})")
 
 
 @app.command()
@@ -350,11 +390,15 @@ def info(
 
 
 @cache_app.command("list")
-def cache_list(json_out: JsonOpt = False) -> None:
-    """List the stored compressed caches."""
+def cache_list(json_out: JsonOpt = False, server: ServerOpt = None) -> None:
+    """List the stored compressed caches (with --server: tier, configuration, size, utility and why)."""
 
     def run():
         from kvcli.persist import store_entries
+
+        if server:
+            _list_server(server, json_out)
+            return
 
         entries = store_entries()
         if json_out:
@@ -370,29 +414,53 @@ def cache_list(json_out: JsonOpt = False) -> None:
     _guard(run)
 
 
+def _list_server(url: str, json_out: bool) -> None:
+    from kvcli.client import CACHE_HEADER, Client, format_cache_row
+
+    rows = Client(url).caches()["caches"]
+    if json_out:
+        for row in rows:
+            sys.stdout.write(json.dumps(row) + "\n")
+        return
+    sys.stdout.write(CACHE_HEADER + "\n")
+    for row in rows:
+        sys.stdout.write(format_cache_row(row) + "\n")
+        if row.get("reason"):
+            sys.stdout.write(f"    why: {row['reason']}\n")
+
+
 @cache_app.command("rm")
-def cache_rm(cache_id: Annotated[str, typer.Argument(help="Id (or unique prefix) from `kvcli cache list`.")]) -> None:
+def cache_rm(
+    cache_id: Annotated[str, typer.Argument(help="Id (or unique prefix) from `kvcli cache list`.")], server: ServerOpt = None
+) -> None:
     """Remove one stored cache."""
 
     def run():
+        from kvcli.client import Client
         from kvcli.persist import store_remove
 
-        for removed in store_remove(cache_id):
+        for removed in Client(server).remove(cache_id) if server else store_remove(cache_id):
             sys.stdout.write(f"removed {removed}\n")
 
     _guard(run)
 
 
 @cache_app.command("clear")
-def cache_clear() -> None:
-    """Remove every stored cache."""
+def cache_clear(server: ServerOpt = None) -> None:
+    """Remove every stored cache (with --server: every cache the server manages)."""
 
     def run():
+        from kvcli.client import Client
         from kvcli.persist import store_clear
 
-        sys.stdout.write(f"removed {store_clear()} cache(s)\n")
+        count = len(Client(server).clear()) if server else store_clear()
+        sys.stdout.write(f"removed {count} cache(s)\n")
 
     _guard(run)
+
+
+serve_cli.register(app)
+eval_cli.register(app)
 
 
 def _quiet_libraries() -> None:

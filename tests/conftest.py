@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own kvcli cache dir: nothing a test writes outlives it."""
     monkeypatch.setenv("KVCLI_CACHE_DIR", str(tmp_path / "kvcli-cache"))
+    monkeypatch.delenv("KVCLI_SERVER", raising=False)  # a developer's running server must not answer tests
 
 
 @pytest.fixture(scope="session")

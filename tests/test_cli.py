@@ -15,7 +15,7 @@ SHORT_DOC = (
     "was Tomas Elling. Elling kept a dog named Biscuit. In 1935 a new lens was installed at a cost of "
     "412 pounds.\n"
 )
-COMMANDS = [["ask"], ["summarize"], ["compress"], ["info"], ["cache"], ["cache", "list"], ["cache", "rm"], ["cache", "clear"]]
+COMMANDS = [["ask"], ["summarize"], ["compress"], ["info"], ["cache"], ["cache", "list"], ["cache", "rm"], ["cache", "clear"], ["serve"], ["eval"]]
 
 
 def run_kvcli(args, env_extra=None, stdin=None, timeout=300):

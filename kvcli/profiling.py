@@ -1,0 +1,115 @@
+"""quality(c, x) of the cache manager: how far a compressed cache's answers drift from the full one's.
+
+The fidelity metric EVICPRESS profiles per document: agreement with the full cache on
+probe questions, measured with the model itself (kvcli.service profiles every document
+when it is added and again when idle; kvcli.benchmarks.evicpress --real uses it too).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvcli import api, generate
+from kvcli.api import Compressed
+from kvcli.cache import CompressedCache, LayerCache
+from kvcli.cachefile import GROUP_SIZE
+from kvcli.documents import Document
+from kvcli.manager import Config, Entry
+from kvcli.methods import make_press
+from kvcli.quantize import dequantize, quantize
+
+if TYPE_CHECKING:
+    from kvcli.service import ModelService
+
+PROBE_QUESTIONS = ("What is this document about?", "List the key facts the document states.")
+
+
+def press_for(config: Config):
+    return make_press(config.method, ratio=None if config.method == "full" else config.ratio)
+
+
+def quantized_copy(compressed: Compressed, kv_dtype: str) -> Compressed:
+    """What a cache stored as int8/int4 reads back as (compute dtype, rounding applied)."""
+    bits = {"int8": 8, "int4": 4}.get(kv_dtype)
+    if bits is None:
+        return compressed
+    layers = []
+    for layer in compressed.cache.layers:
+        parts = {}
+        for name in ("keys", "values"):
+            rows = getattr(layer, name)  # [1, C, D]
+            codes = quantize(rows.float(), bits, GROUP_SIZE)
+            parts[name] = dequantize(
+                codes[0], codes[1], codes[2] if bits == 4 else None, bits=bits, group_size=GROUP_SIZE,
+                dim=rows.shape[-1], dtype=rows.dtype,
+            )
+        layers.append(LayerCache(parts["keys"], parts["values"], layer.positions.clone(), layer.offsets.clone(), layer.lengths.clone()))
+    cache = CompressedCache(layers, compressed.cache.next_position.clone(), compressed.cache.original_length)
+    return Compressed(
+        cache=cache, layout=compressed.layout, press=compressed.press, agnostic=True,
+        document_tokens=compressed.document_tokens, kept=compressed.kept, progressive=compressed.progressive,
+    )
+
+
+class AgreementProfiler:
+    """quality(c, x): top-1 agreement with the full cache, teacher-forced over its answers.
+
+    For each probe question the full cache answers greedily (`answer_tokens` tokens); every
+    configuration then reads the same question and answer in one forward pass, and quality
+    is the fraction of positions where its greedy next token equals the full cache's. One
+    read per distinct (method, ratio); int8/int4 are applied to that read's cache. Probes:
+    generic questions, one about the document's opening words, and the questions users
+    recently asked about it (so a re-profile when idle follows real use).
+    """
+
+    def __init__(self, service: "ModelService", *, answer_tokens: int = 12, probes: tuple[str, ...] = PROBE_QUESTIONS):
+        self.service, self.answer_tokens, self.probes = service, answer_tokens, probes
+
+    def questions(self, entry: Entry, document: Document) -> list[str]:
+        opening = " ".join(document.text.split()[:6])
+        return [*self.probes, f"What does the document say about {opening}?", *self.service.recent_questions(entry.id)]
+
+    def __call__(self, entry: Entry, configs: list[int]) -> dict[int, float]:
+        document = self.service.documents.get(entry.id)
+        if document is None or not document.text:
+            return {}
+        scores = self.per_question(document, self.questions(entry, document), configs)
+        return {index: sum(s) / len(s) if s else 1.0 for index, s in scores.items()}
+
+    def per_question(self, document: Document, questions: list[str], configs: list[int]) -> dict[int, list[float]]:
+        """Each configuration's agreement with the full cache, one score per question it answered."""
+        model = self.service.model
+        reads: dict[tuple[str, float], Compressed] = {}
+
+        def read(config: Config) -> Compressed:
+            key = (config.method, config.ratio)
+            if key not in reads:
+                reads[key] = api.read(model, document, press_for(config), question=None, headroom_tokens=self.answer_tokens + 64)
+            return reads[key]
+
+        full = read(Config("full", 1.0))
+        references = []
+        for question in questions:
+            ids = full.layout.question_part(question)
+            cache = full.cache.clone()
+            first = generate.forward(model.model, cache, torch.tensor([ids], device=model.device))
+            (answer,) = generate.decode(model.model, cache, first, max_new_tokens=self.answer_tokens, stop_ids=api.stop_ids(model), cuda_graph=False)
+            if answer:
+                references.append((ids, answer))
+        scores = {}
+        for index in configs:
+            config = self.service.manager.configs[index]
+            compressed = quantized_copy(read(config), config.kv_dtype)
+            scores[index] = [self._agreement(compressed, ids, answer) for ids, answer in references]
+        return scores
+
+    def _agreement(self, compressed: Compressed, question_ids: list[int], answer: list[int]) -> float:
+        model = self.service.model
+        ids = question_ids + answer[:-1]  # the answer's last token is predicted, never read
+        cache = compressed.cache.clone()
+        cache.reserve(len(ids))
+        logits = generate.forward(model.model, cache, torch.tensor([ids], device=model.device), every_position=True)  # [1, n, V]
+        predicted = logits[0, len(question_ids) - 1 :].argmax(-1).tolist()  # [len(answer)]
+        return sum(p == t for p, t in zip(predicted, answer)) / len(answer)
