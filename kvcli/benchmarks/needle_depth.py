@@ -61,7 +61,7 @@ def main() -> None:
     model = load_model(args.model, device=args.device, dtype=dtypes[args.dtype] if args.dtype else None)
     unit_tokens = len(model.tokenizer(NOISE * 100, add_special_tokens=False)["input_ids"]) / 100
     units = int(args.times * model.context_length / unit_tokens)
-    generation = api.Generation(max_new_tokens=16)
+    generation = api.Generation(max_new_tokens=48)  # the model often restates the question first; digits are single tokens
     depths = [float(d) for d in args.depths.split(",")]
     records = []
     started = time.perf_counter()
