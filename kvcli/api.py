@@ -164,17 +164,10 @@ def read(
         )
         if press.budget == limit:
             press = make_press(DEFAULT_METHOD, budget=max(1, int(result.plan.budget)))
-        return Compressed(
-            cache=result.cache,
-            layout=layout,
-            press=press,
-            agnostic=question is None,
-            document_tokens=len(layout.document_ids),
-            prefill=result,
-            first_logits=result.last_logits if question is not None else None,
-            progressive={**result.plan.describe(), "compact_length": result.compact_length},
-        )
-    result = prefill(model.model, layout, press, chunk_size=chunk_size, headroom=headroom_tokens + 64, progress=progress)
+        progressive = {**result.plan.describe(), "compact_length": result.compact_length}
+    else:
+        result = prefill(model.model, layout, press, chunk_size=chunk_size, headroom=headroom_tokens + 64, progress=progress)
+        progressive = None
     return Compressed(
         cache=result.cache,
         layout=layout,
@@ -183,6 +176,7 @@ def read(
         document_tokens=len(layout.document_ids),
         prefill=result,
         first_logits=result.last_logits if question is not None else None,
+        progressive=progressive,
     )
 
 

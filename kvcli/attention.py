@@ -59,6 +59,13 @@ def using(backend: AttentionBackend):
         _active.reset(token)
 
 
+def cache_shape(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head_dim) of a causal LM's KV cache."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+
+
 def parts(model):
     """(embeddings, decoder layers, final norm, rotary embedding, lm head) of a causal LM."""
     base = model.model

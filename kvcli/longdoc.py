@@ -281,10 +281,7 @@ def read_progressive(
     if press.scorer is None:
         raise KvcliError("progressive reading needs a compression method (not 'full')")
     the_plan = plan(layout, press, context=context, chunk_size=chunk_size, answer_tokens=answer_tokens)
-    config = model.config
-    num_layers = config.num_hidden_layers
-    num_kv = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    num_layers, num_kv, head_dim = attention.cache_shape(model)
     device = next(model.parameters()).device
     embed, _, norm, rotary, _ = attention.parts(model)
     scorer, policy = press.scorer, press.policy

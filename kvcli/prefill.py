@@ -149,10 +149,7 @@ def prefill(
     MLP chunked (default on CUDA: memory stays linear in length there); otherwise both
     are chunked (the CPU's SDPA may materialize the attention matrix).
     """
-    config = model.config
-    num_layers = config.num_hidden_layers
-    num_kv_heads = config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    num_layers, num_kv_heads, head_dim = attention.cache_shape(model)
     device = next(model.parameters()).device
     embed, _, norm, _, _ = attention.parts(model)
 

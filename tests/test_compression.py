@@ -47,17 +47,6 @@ def test_full_cache_matches_transformers(heads, chunk, char_tokenizer):
     torch.testing.assert_close(step[0], expected, atol=1e-4, rtol=1e-4)
 
 
-def test_whole_prompt_attention_matches_chunked_prefill(char_tokenizer):
-    """The CUDA default (one causal attention call, chunked MLP) == the chunked CPU path."""
-    _, ours = tiny_llama(8, 2)
-    layout = PromptLayout.build(char_tokenizer, DOCUMENT, QUESTION)
-    press = make_press("ada-snapkv", ratio=0.3)
-    chunked = prefill(ours, layout, press, chunk_size=50, whole_attention=False)
-    whole = prefill(ours, layout, press, chunk_size=50, whole_attention=True)
-    torch.testing.assert_close(whole.last_logits, chunked.last_logits, atol=1e-5, rtol=1e-5)
-    assert whole.layer_kept == chunked.layer_kept
-
-
 def test_full_cache_same_greedy_answer_as_generate(char_tokenizer):
     reference, ours = tiny_llama(8, 2)
     layout = PromptLayout.build(char_tokenizer, DOCUMENT, QUESTION)

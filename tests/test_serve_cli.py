@@ -6,29 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 from typer.testing import CliRunner
 
 from kvcli.cachefile import read_header
 from kvcli.cli import app
-from kvcli.server import make_server, server_url
-from tests.test_manager import DOCUMENT, tiny_service
-
-
-@pytest.fixture
-def service(char_tokenizer):
-    return tiny_service(char_tokenizer, cpu_bytes=10**8)
-
-
-@pytest.fixture
-def url(service):
-    server = make_server(service, host="127.0.0.1", port=0)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield server_url(server)
-    server.shutdown()
-    server.server_close()
+from tests.test_manager import DOCUMENT
+from tests.test_server import service, url  # noqa: F401 (fixtures: a server on a tiny model)
 
 
 @pytest.fixture
