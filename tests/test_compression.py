@@ -1,6 +1,5 @@
 """The compressed cache against plain transformers and against obviously-correct re-implementations."""
 
-import copy
 
 import pytest
 import torch

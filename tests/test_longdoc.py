@@ -1,6 +1,5 @@
 """Documents longer than the context: progressive reading (kvcli.longdoc) on tiny random models."""
 
-import copy
 
 import pytest
 import torch

@@ -125,7 +125,7 @@ def test_kvcli_serve_process_answers_stops_cleanly_and_restarts_with_its_disk_ti
     """The real command on the embedded model: a Unix socket, SIGTERM, a restart."""
     socket_path = tmp_path / "kvcli.sock"
     env = {**os.environ, "KVCLI_CACHE_DIR": model_cache_dir}
-    url = f"unix://{socket_path}"
+    socket_url = f"unix://{socket_path}"
 
     def serve():
         proc = subprocess.Popen([sys.executable, "-m", "kvcli.cli", "serve", "--socket", str(socket_path), "--cpu-bytes", "1G"],
@@ -143,7 +143,7 @@ def test_kvcli_serve_process_answers_stops_cleanly_and_restarts_with_its_disk_ti
         assert proc.wait(timeout=60) == 130, rest
         return rest
 
-    ask = [sys.executable, "-m", "kvcli.cli", "ask", str(doc), "Who counted?", "--reuse", "--json", "--max-new-tokens", "8", "--server", url]
+    ask = [sys.executable, "-m", "kvcli.cli", "ask", str(doc), "Who counted?", "--reuse", "--json", "--max-new-tokens", "8", "--server", socket_url]
     proc, lines = serve()
     try:
         first = json.loads(subprocess.run(ask, capture_output=True, text=True, env=env, check=True).stdout)

@@ -87,7 +87,7 @@ def main() -> None:
         table[key][0] += row["same_as_full"]
         table[key][1] += row["correct"]
         table[key][2] += 1
-    print(f"\n| method | ratio | mode | same as full | correct | questions |\n|---|---|---|---|---|---|")
+    print("\n| method | ratio | mode | same as full | correct | questions |\n|---|---|---|---|---|---|")
     for (method, ratio, mode), (same, right, total) in sorted(table.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], -kv[0][1], kv[0][2])):
         print(f"| {method} | {ratio} | {mode} | {same}/{total} | {right}/{total} | {total} |")
     print(f"\n{time.perf_counter() - started:.0f} s, model {model.name} on {model.device} ({args.dtype})")
