@@ -166,8 +166,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a same-directory temp file + os.replace."""
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a same-directory temp file, fsync, os.replace and a directory
+    fsync: a crash, Ctrl-C or full disk leaves the old file or the new one, never a mix.
+    Failures are one-line KvcliErrors naming the path."""
     directory = path.parent
     tmp = directory / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
     try:
@@ -265,7 +267,7 @@ def save_cache(path: str | os.PathLike, cache: CompressedCache, header: dict, *,
     from safetensors.torch import save as st_save
 
     data = st_save(tensors, metadata={METADATA_KEY: json.dumps(full, ensure_ascii=True)})
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return len(data)
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from kvcli.cachefile import atomic_write
 from kvcli.methods import METHODS
 from kvcli.sweep import KEY
 
@@ -131,15 +131,6 @@ def markdown(summary_: dict) -> str:
 # ---- files ----------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def csv_text(rows: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
@@ -192,8 +183,8 @@ def write_reports(directory: Path, rows: list[dict], title: str) -> dict:
     """Write results.csv, summary.json, summary.md and plot.png; returns the summary and their paths."""
     summary_ = summary(rows)
     files = {name: directory / name for name in ("results.csv", "summary.json", "summary.md", "plot.png")}
-    write_atomic(files["results.csv"], csv_text(rows).encode())
-    write_atomic(files["summary.json"], json.dumps(summary_, indent=1).encode())
-    write_atomic(files["summary.md"], markdown(summary_).encode())
-    write_atomic(files["plot.png"], plot_png(summary_, title))
+    atomic_write(files["results.csv"], csv_text(rows).encode())
+    atomic_write(files["summary.json"], json.dumps(summary_, indent=1).encode())
+    atomic_write(files["summary.md"], markdown(summary_).encode())
+    atomic_write(files["plot.png"], plot_png(summary_, title))
     return {**summary_, "files": {name: str(path) for name, path in files.items()}}

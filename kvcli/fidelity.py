@@ -102,13 +102,9 @@ def next_token_agreement(full: torch.Tensor, other: torch.Tensor) -> tuple[float
     return top1.mean().item(), kl.clamp(min=0).mean().item()  # clamp: rounding can go a hair below 0
 
 
-@torch.inference_mode()
 def continuation_logits(model: LoadedModel, cache: CompressedCache, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids), vocab] after each of `ids` appended to a copy of `cache`."""
-    cache = cache.clone()
-    positions = cache.next_position.unsqueeze(1) + torch.arange(len(ids), device=model.device)  # [1, n]
-    hidden = attention.run_layers(model.model, _ids(ids, model), positions, CacheAttention(cache, positions))
-    return attention.logits(model.model, hidden[0])
+    return generate.forward(model.model, cache.clone(), _ids(ids, model), every_position=True)[0]
 
 
 class _SideBySide:

@@ -16,6 +16,7 @@ from kvcli.api import Compressed
 from kvcli.cache import CompressedCache, LayerCache
 from kvcli.cachefile import GROUP_SIZE
 from kvcli.documents import Document
+from kvcli.fidelity import continuation_logits
 from kvcli.manager import Config, Entry
 from kvcli.methods import make_press
 from kvcli.quantize import dequantize, quantize
@@ -106,10 +107,7 @@ class AgreementProfiler:
         return scores
 
     def _agreement(self, compressed: Compressed, question_ids: list[int], answer: list[int]) -> float:
-        model = self.service.model
         ids = question_ids + answer[:-1]  # the answer's last token is predicted, never read
-        cache = compressed.cache.clone()
-        cache.reserve(len(ids))
-        logits = generate.forward(model.model, cache, torch.tensor([ids], device=model.device), every_position=True)  # [1, n, V]
-        predicted = logits[0, len(question_ids) - 1 :].argmax(-1).tolist()  # [len(answer)]
+        logits = continuation_logits(self.service.model, compressed.cache, ids)  # [n, V]
+        predicted = logits[len(question_ids) - 1 :].argmax(-1).tolist()  # [len(answer)]
         return sum(p == t for p, t in zip(predicted, answer)) / len(answer)

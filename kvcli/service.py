@@ -23,7 +23,7 @@ import torch
 from kvcli import api, persist
 from kvcli.api import Compressed, Generation
 from kvcli.cache import CompressedCache, LayerCache
-from kvcli.cachefile import read_header, save_cache
+from kvcli.cachefile import atomic_write, read_header, save_cache
 from kvcli.documents import Document, PageSpan, load_document
 from kvcli.errors import KvcliError
 from kvcli.manager import NOWHERE, CacheManager, CacheShape, Config, Entry
@@ -81,21 +81,6 @@ def _writer_alive(temp_name: str) -> bool:
 
 def entry_id(model: LoadedModel, document_sha256: str) -> str:
     return hashlib.sha256(f"{model.fingerprint}:{document_sha256}".encode()).hexdigest()[:32]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a temp file beside `path`, fsync, rename: a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class ModelService:
@@ -171,9 +156,11 @@ class ModelService:
             pages = [[p.page, p.start, p.end] for p in document.pages]
             record = {"name": document.name, "sha256": document.sha256, "pages": pages, "text": document.text}
             try:
-                _atomic_write_text(self._sidecar(eid), json.dumps(record))
-            except OSError as exc:  # e.g. a full disk: answering matters more than surviving a restart
-                saved = f"could not save its text for a restart: {exc.strerror or exc}"
+                sidecar = self._sidecar(eid)
+                sidecar.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(sidecar, json.dumps(record).encode())
+            except (OSError, KvcliError) as exc:  # e.g. a full disk: answering matters more than surviving a restart
+                saved = f"could not save its text for a restart: {exc}"
             self.documents[eid] = document
         if entry is None:
             layout = PromptLayout.build(self.model.tokenizer, document.text, None)
