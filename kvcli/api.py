@@ -156,13 +156,14 @@ def read(
         from kvcli import longdoc
         from kvcli.methods import DEFAULT_METHOD
 
-        if press.scorer is None:  # nothing can be kept whole: the default method, at the most that fits
+        defaulted = press.scorer is None  # nothing can be kept whole: the default method, at the most that fits
+        if defaulted:
             press = make_press(DEFAULT_METHOD, budget=limit)
         result = longdoc.read_progressive(
             model.model, layout, press, context=limit, chunk_size=chunk_size, answer_tokens=headroom_tokens,
             headroom=headroom_tokens + 64, progress=progress,
         )
-        if press.budget == limit:
+        if defaulted:  # say what was actually kept, not the cap asked for
             press = make_press(DEFAULT_METHOD, budget=max(1, int(result.plan.budget)))
         progressive = {**result.plan.describe(), "compact_length": result.compact_length}
     else:

@@ -14,6 +14,7 @@ it contains the number (RULER's string match).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import time
@@ -40,7 +41,7 @@ def haystack(depth: float, units: int, rng: random.Random) -> tuple[str, str, st
 
 
 def as_document(text: str, name: str) -> Document:
-    return Document(name=name, text=text, sha256=str(hash(text)), pages=[PageSpan(1, 0, len(text))])
+    return Document(name=name, text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), pages=[PageSpan(1, 0, len(text))])
 
 
 def main() -> None:
