@@ -6,9 +6,6 @@
 - `window_scores`     (window_scores.py): SnapKV / Ada-KV / KVzip observation-window scores,
   softmax over keys then sum (mean over the GQA group) or max over queries and group,
   two passes (log-sum-exp, then scores) without materialising the W x T matrix.
-- `compact`           (compaction.py): gathers every head's kept rows into the flat layout
-  (segment = kept + headroom, headroom zeroed) in one launch; same layout as
-  `LayerCache.from_kept`.
 
 Each module holds a plain torch reference next to its kernel, and a `benchmark()` run by
 `python -m kvcli.kernels.<module>` on a GPU.

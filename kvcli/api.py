@@ -10,7 +10,6 @@ Nothing here prints: progress and streamed text go to callbacks the caller passe
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,15 +17,15 @@ from typing import Callable
 import torch
 
 from kvcli import generate
-from kvcli.cache import CompressedCache
+from kvcli.compress.methods import Press, make_press
+from kvcli.compress.prefill import DEFAULT_CHUNK
+from kvcli.compress.reading import Compressed, Progress, check_fits, context_limit, progressive_notice, read
 from kvcli.documents import Document
 from kvcli.errors import KvcliError
-from kvcli.methods import Press, make_press
 from kvcli.models import LoadedModel
-from kvcli.prefill import DEFAULT_CHUNK, PrefillResult, prefill
-from kvcli.prompts import SUMMARY_INSTRUCTION, PromptLayout
+from kvcli.prompts import SUMMARY_INSTRUCTION
 
-Progress = Callable[[int, int], None]
+__all__ = ["Compressed", "Generation", "Answer", "read", "answer", "ask", "summarize", "report", "context_limit", "check_fits", "progressive_notice"]
 TextCallback = Callable[[int, str], None]  # (question index, new text)
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -58,53 +57,6 @@ class Answer:
         return (self.tokens - 1) / self.decode_seconds if self.tokens > 1 and self.decode_seconds > 0 else 0.0
 
 
-@dataclass
-class Compressed:
-    """A document read and compressed: the cache plus what is needed to reuse it."""
-
-    cache: CompressedCache
-    layout: PromptLayout  # document_ids is empty for a cache loaded from a file
-    press: Press
-    agnostic: bool
-    document_tokens: int
-    prefill: PrefillResult | None = None  # None when loaded from a file
-    first_logits: torch.Tensor | None = None  # question-aware: logits after the question
-    source: str | None = None  # the .kvc file it came from
-    kept: torch.Tensor | None = None  # [L, Hkv] rows per head as compressed (decoding appends more)
-    # Read in chunks (longer than the context): the plan (context, chunk_size, chunks,
-    # budget, cap) and compact_length, the positions the cache uses (kvcli.longdoc).
-    progressive: dict | None = None
-
-    def __post_init__(self):
-        if self.kept is None:
-            self.kept = self.cache.kept_per_head()
-
-    @property
-    def bytes_per_row(self) -> int:
-        keys = self.cache.layers[0].keys
-        return keys.shape[-1] * keys.element_size() * 2
-
-    def stats(self) -> dict:
-        kept = self.kept  # [L, Hkv] incl. prefix/question rows
-        other = self.cache.original_length - self.document_tokens
-        doc_kept = (kept - other).clamp(min=0)
-        per_head = sorted(doc_kept.flatten().tolist())
-        full_bytes = self.prefill.full_bytes if self.prefill else None
-        return {
-            **self.press.describe(),
-            "agnostic": self.agnostic,
-            "compressed": bool(self.prefill.compressed) if self.prefill else True,
-            "document_tokens": self.document_tokens,
-            "kept_per_layer": doc_kept.sum(dim=1).tolist(),
-            "kept_per_head": {"min": per_head[0], "median": statistics.median(per_head), "max": per_head[-1]},
-            "kept_fraction": doc_kept.sum().item() / max(1, doc_kept.numel() * self.document_tokens),
-            "full_bytes": full_bytes,
-            "compressed_bytes": int(kept.sum()) * self.bytes_per_row,
-            "compression_seconds": self.prefill.compression_seconds if self.prefill else 0.0,
-            **({"progressive": self.progressive} if self.progressive else {}),
-        }
-
-
 def stop_ids(model: LoadedModel) -> set[int]:
     ids = set()
     for source in (model.tokenizer.eos_token_id, getattr(model.model.generation_config, "eos_token_id", None)):
@@ -113,85 +65,6 @@ def stop_ids(model: LoadedModel) -> set[int]:
         elif source:
             ids.update(source)
     return ids
-
-
-def context_limit(model: LoadedModel, max_context: int | None = None) -> int:
-    """Positions a prompt may use: the model's context, or less with --max-context (0: unknown)."""
-    if max_context is not None and max_context < 1:
-        raise KvcliError(f"--max-context must be at least 1 token, got {max_context}")
-    limit = model.context_length
-    if max_context is not None:
-        limit = min(limit, max_context) if limit else max_context
-    return limit
-
-
-def check_fits(model: LoadedModel, prompt_tokens: int, max_new_tokens: int, what: str, *, max_context: int | None = None) -> None:
-    limit = context_limit(model, max_context)
-    if limit and prompt_tokens + max_new_tokens > limit:
-        raise KvcliError(
-            f"{what} is {prompt_tokens} tokens; with {max_new_tokens} answer tokens that exceeds "
-            f"{model.name}'s context window of {limit} tokens (use a shorter document or --max-new-tokens)"
-        )
-
-
-def read(
-    model: LoadedModel,
-    document: Document,
-    press: Press,
-    *,
-    question: str | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    headroom_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    progress: Progress | None = None,
-    max_context: int | None = None,
-) -> Compressed:
-    """Prefill and compress a document: question-aware if `question` is given, else agnostic.
-
-    A prompt that does not fit the context (or `max_context`) with `headroom_tokens` of
-    answer is read progressively in chunks (kvcli.longdoc); `Compressed.progressive` says so.
-    """
-    layout = PromptLayout.build(model.tokenizer, document.text, question)
-    limit = context_limit(model, max_context)
-    if limit and len(layout.all_ids) + headroom_tokens > limit:
-        from kvcli import longdoc
-        from kvcli.methods import DEFAULT_METHOD
-
-        defaulted = press.scorer is None  # nothing can be kept whole: the default method, at the most that fits
-        if defaulted:
-            press = make_press(DEFAULT_METHOD, budget=limit)
-        result = longdoc.read_progressive(
-            model.model, layout, press, context=limit, chunk_size=chunk_size, answer_tokens=headroom_tokens,
-            headroom=headroom_tokens + 64, progress=progress,
-        )
-        if defaulted:  # say what was actually kept, not the cap asked for
-            press = make_press(DEFAULT_METHOD, budget=max(1, int(result.plan.budget)))
-        progressive = {**result.plan.describe(), "compact_length": result.compact_length}
-    else:
-        result = prefill(model.model, layout, press, chunk_size=chunk_size, headroom=headroom_tokens + 64, progress=progress)
-        progressive = None
-    return Compressed(
-        cache=result.cache,
-        layout=layout,
-        press=press,
-        agnostic=question is None,
-        document_tokens=len(layout.document_ids),
-        prefill=result,
-        first_logits=result.last_logits if question is not None else None,
-        progressive=progressive,
-    )
-
-
-def progressive_notice(compressed: Compressed) -> str | None:
-    """The one line the CLI prints when a document was read in chunks (None otherwise)."""
-    plan = compressed.progressive
-    if not plan:
-        return None
-    prompt = compressed.cache.original_length
-    return (
-        f"document is {compressed.document_tokens} tokens ({prompt} with the prompt), more than the model's context of "
-        f"{plan['context']}: read it in {plan['chunks']} chunks of {plan['chunk_size']} with {compressed.press.name} "
-        f"at budget {plan['budget']:g} tokens per head"
-    )
 
 
 class _TextStream:

@@ -20,11 +20,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import kvcli
-from kvcli import cachefile
+from kvcli.store import kvcfile as cachefile
 from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
-from kvcli.cachefile import load_cache, read_header, save_cache
+from kvcli.store.kvcfile import load_cache, read_header, save_cache
 from kvcli.errors import KvcliError
-from kvcli.quantize import dequantize, quantize
+from kvcli.store.quantize import dequantize, quantize
 
 FINGERPRINT = "abc123def4567890" * 4
 
@@ -616,7 +616,7 @@ KILL_SCRIPT = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_cachefile import make_cache, make_header
-    from kvcli.cachefile import save_cache
+    from kvcli.store.kvcfile import save_cache
     cache = make_cache(seed=9, num_layers=4, num_heads=4, tokens=1500, head_dim=128)
     print("ready", flush=True)
     while True:
@@ -661,8 +661,8 @@ def test_sigkill_during_write(tmp_path):
 def test_answers_from_the_file_equal_answers_from_memory(tmp_path, dtype, char_tokenizer):
     """A KVzip cache saved and loaded decodes exactly the tokens the in-memory cache decodes."""
     from kvcli.generate import decode, forward
-    from kvcli.methods import make_press
-    from kvcli.prefill import prefill
+    from kvcli.compress.methods import make_press
+    from kvcli.compress.prefill import prefill
     from kvcli.prompts import PromptLayout
     from tests.conftest import tiny_llama
 
@@ -685,8 +685,8 @@ def test_answers_from_the_file_equal_answers_from_memory(tmp_path, dtype, char_t
 def test_quantized_files_answer_with_a_bounded_logit_error(tmp_path, kv_dtype, bound, char_tokenizer):
     """int8/int4 are lossy: the next-token logits after the question move by a bounded relative error."""
     from kvcli.generate import forward
-    from kvcli.methods import make_press
-    from kvcli.prefill import prefill
+    from kvcli.compress.methods import make_press
+    from kvcli.compress.prefill import prefill
     from kvcli.prompts import PromptLayout
     from tests.conftest import tiny_llama
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kvcli.cli import app
+from kvcli.cli.main import app
 
 SHORT_DOC = (
     "Greyhaven Lighthouse stands on the northern cape of Orrin Island. Its keeper from 1921 to 1948 "
@@ -21,7 +21,7 @@ COMMANDS = [["ask"], ["summarize"], ["compress"], ["info"], ["cache"], ["cache",
 def run_kvcli(args, env_extra=None, stdin=None, timeout=300):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "kvcli.cli", *args], input=stdin, capture_output=True, text=True, env=env, timeout=timeout
+        [sys.executable, "-m", "kvcli.cli.main", *args], input=stdin, capture_output=True, text=True, env=env, timeout=timeout
     )
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcli.budgets import CrossLayerPolicy, Policy, layer_budgets, select_ada
+from kvcli.compress.budgets import CrossLayerPolicy, Policy, layer_budgets, select_ada
 from kvcli.cache import LayerCache, attend_reference
 from kvcli.generate import decode, forward
-from kvcli.methods import METHODS, make_press
-from kvcli.prefill import prefill
+from kvcli.compress.methods import METHODS, make_press
+from kvcli.compress.prefill import prefill
 from kvcli.prompts import PromptLayout
 from tests.conftest import tiny_llama
 

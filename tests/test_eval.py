@@ -8,10 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kvcli import api, fidelity, sweep, tasks
-from kvcli.cli import app
+from kvcli import api
+from kvcli.eval import fidelity
+from kvcli.eval import sweep
+from kvcli.eval import tasks
+from kvcli.cli.main import app
 from kvcli.errors import KvcliError
-from kvcli.methods import make_press
+from kvcli.compress.methods import make_press
 from kvcli.models import LoadedModel
 from tests.conftest import CharTokenizer, tiny_llama
 
@@ -267,7 +270,7 @@ def test_bad_input_is_one_line_exit_1(args, message):
 
 
 def test_eval_command_prints_tables_or_json(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("kvcli.cli._load_model", lambda spec, device, reporter: tiny)
+    monkeypatch.setattr("kvcli.cli.common.load_model_reporting", lambda spec, device, reporter: tiny)
     args = ["eval", "--tasks", "niah_single", "--lengths", "700", "--methods", "snapkv", "--ratios", "1,0.25",
             "--samples", "1", "--max-new-tokens", "3", "--agnostic", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)

@@ -12,8 +12,8 @@ import torch
 from kvcli.attention import install
 from kvcli.fastpath import FusedDecoder, unsupported_reason
 from kvcli.generate import decode, forward
-from kvcli.methods import make_press
-from kvcli.prefill import prefill
+from kvcli.compress.methods import make_press
+from kvcli.compress.prefill import prefill
 from kvcli.prompts import PromptLayout
 from tests.conftest import tiny_llama
 

@@ -24,7 +24,6 @@ pytest.importorskip("triton")
 
 from kvcli.cache import LayerCache, attend_reference  # noqa: E402
 from kvcli.kernels import interpreting, triton_available  # noqa: E402
-from kvcli.kernels.compaction import compact, compact_reference  # noqa: E402
 from kvcli.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     decode_attention_reference,
@@ -32,7 +31,7 @@ from kvcli.kernels.decode_attention import (  # noqa: E402
     skewed_lengths,
 )
 from kvcli.kernels.window_scores import window_scores, window_scores_reference  # noqa: E402
-from kvcli.window import window_attention_torch  # noqa: E402
+from kvcli.compress.window import window_attention_torch  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
 GPU = DEVICE == "cuda"
@@ -201,7 +200,7 @@ def test_window_scores(group, head_dim, window, length, offset, dtype, reduce):
 
 @pytest.mark.parametrize("reduce", ["sum", "max"])
 def test_window_scores_matches_kvcli_window(reduce):
-    """Same semantics as kvcli.window.window_attention_torch (the CPU path)."""
+    """Same semantics as kvcli.compress.window.window_attention_torch (the CPU path)."""
     torch.manual_seed(2)
     q = torch.randn(8, 9, 64, device=DEVICE)
     keys = torch.randn(2, 120, 64, device=DEVICE)
@@ -219,69 +218,6 @@ def test_window_scores_large_gpu(length, window, reduce):
     out = window_scores(q, keys, 128**-0.5, length - window, reduce)
     ref = window_scores_reference(q, keys, 128**-0.5, length - window, reduce)
     assert rel_rms(out, ref) < ERR_SCORES[torch.bfloat16]
-
-
-# --------------------------------------------------------------------------- compaction
-
-COMPACTIONS = {  # name: (counts per head, T, headroom)
-    "Hkv4-zero-and-one": ([3, 0, 70, 1], 80, 5),
-    "Hkv2-all-empty": ([0, 0], 10, 4),
-    "Hkv1-keep-all-no-headroom": ([100], 100, 0),
-    "Hkv8-mixed": ([7, 64, 65, 1, 33, 0, 90, 12], 96, 3),
-}
-
-
-@pytest.mark.parametrize("form", ["list", "tuple"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
-@pytest.mark.parametrize("case", list(COMPACTIONS))
-def test_compact_matches_from_kept(case, head_dim, dtype, form):
-    counts, length, headroom = COMPACTIONS[case]
-    torch.manual_seed(len(case) + head_dim)
-    num_heads = len(counts)
-    src_k = torch.randn(num_heads, length, head_dim, dtype=dtype, device=DEVICE)
-    src_v = torch.randn_like(src_k)
-    kept = [torch.randperm(length)[:c].sort().values.to(DEVICE) for c in counts]
-    arg = kept if form == "list" else (torch.cat(kept), torch.tensor(counts))
-    out = compact(src_k, src_v, arg, headroom)
-    layer = LayerCache.from_kept(src_k, src_v, torch.arange(length), kept, headroom)
-    ref = compact_reference(src_k, src_v, kept, headroom)
-    for name, got, want, want2 in zip(
-        ("keys", "values", "offsets", "lengths"), out, (layer.keys, layer.values, layer.offsets, layer.lengths), ref
-    ):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        assert torch.equal(got, want), name  # a gather: bit-exact
-        assert torch.equal(got, want2), name
-
-
-def test_compact_detects_wrong_rows():
-    """The comparison bites: dropping one kept index changes the layout."""
-    torch.manual_seed(0)
-    src = torch.randn(2, 20, 64, device=DEVICE)
-    kept = [torch.tensor([1, 5, 9]), torch.tensor([0, 19])]
-    good = compact(src, src, kept, 2)
-    bad = compact(src, src, [torch.tensor([1, 5, 8]), torch.tensor([0, 19])], 2)
-    assert not torch.equal(good[0], bad[0])
-
-
-@GPU_ONLY
-def test_compact_large_gpu():
-    torch.manual_seed(0)
-    src_k = torch.randn(8, 40000, 128, dtype=torch.bfloat16, device=DEVICE)
-    counts = skewed_lengths(8, 10000).clamp(max=40000)
-    kept = [torch.randperm(40000, device=DEVICE)[: int(c)].sort().values for c in counts]
-    out = compact(src_k, src_k, kept, 512)
-    layer = LayerCache.from_kept(src_k, src_k, torch.arange(40000, device=DEVICE), kept, 512)
-    assert torch.equal(out[0], layer.keys) and torch.equal(out[2], layer.offsets)
-
-
-def test_decode_attention_many_splits():
-    """More active chunks than the combine merges per step (lanes merged online, then together)."""
-    torch.manual_seed(9)
-    q, keys, values, offsets, lengths = _decode_case(1, [[2200, 700, 0]], 3, 2, 32, 2, torch.float32)
-    out = decode_attention(q, keys, values, offsets, lengths, 0.2, num_splits=1000, block_n=16)
-    ref = decode_attention_reference(q, keys, values, offsets, lengths, 0.2)
-    assert rel_rms(out, ref) < ERR_ATTN[torch.float32]
 
 
 # --------------------------------------------------------------------------- fused decode-step ops

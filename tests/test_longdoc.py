@@ -1,15 +1,16 @@
-"""Documents longer than the context: progressive reading (kvcli.longdoc) on tiny random models."""
+"""Documents longer than the context: progressive reading (kvcli.compress.progressive) on tiny random models."""
 
 
 import pytest
 import torch
 
-from kvcli import api, longdoc
+from kvcli import api
+from kvcli.compress import progressive as longdoc
 from kvcli.documents import Document, PageSpan
 from kvcli.generate import decode, forward
-from kvcli.methods import METHODS, make_press
+from kvcli.compress.methods import METHODS, make_press
 from kvcli.models import LoadedModel
-from kvcli.prefill import prefill
+from kvcli.compress.prefill import prefill
 from kvcli.prompts import PromptLayout
 from tests.conftest import CharTokenizer, tiny_llama
 

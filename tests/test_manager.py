@@ -1,11 +1,11 @@
-"""The tiered cache manager: utility, overflow resolution, decisions, restart (kvcli.manager)."""
+"""The tiered cache manager: utility, overflow resolution, decisions, restart (kvcli.serve.manager)."""
 
 import math
 
 import pytest
 import torch
 
-from kvcli.manager import NOWHERE, CacheManager, CacheShape, Config, Entry, Tier
+from kvcli.serve.manager import NOWHERE, CacheManager, CacheShape, Config, Entry, Tier
 
 SHAPE = CacheShape(num_layers=4, num_kv_heads=2, head_dim=64, compute_bytes=2)
 CONFIGS = (Config("full", 1.0), Config("ada-snapkv", 0.5), Config("ada-snapkv", 0.25), Config("ada-snapkv", 0.25, "int8"))
@@ -141,7 +141,7 @@ def test_access_promotes_and_drop_readmits_at_lightest():
 
 def tiny_service(char_tokenizer, disk_bytes=10**9, cpu_bytes=0):
     from kvcli.models import LoadedModel
-    from kvcli.service import ModelService
+    from kvcli.serve.service import ModelService
     from tests.conftest import tiny_llama
 
     _, ours = tiny_llama(8, 2, layers=2)
@@ -164,7 +164,7 @@ def ask(service, body):
 
 
 def test_restart_rediscovers_and_reuses_the_disk_tier(char_tokenizer):
-    from kvcli.persist import store_dir
+    from kvcli.store.persist import store_dir
 
     service = tiny_service(char_tokenizer)
     first = ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
@@ -185,7 +185,7 @@ def test_restart_rediscovers_and_reuses_the_disk_tier(char_tokenizer):
 
 
 def test_full_disk_drops_cleanly_and_keeps_answering(char_tokenizer, monkeypatch):
-    from kvcli import service as service_module
+    from kvcli.serve import service as service_module
     from kvcli.errors import KvcliError
 
     def full(*args, **kwargs):
@@ -202,7 +202,7 @@ def test_full_disk_drops_cleanly_and_keeps_answering(char_tokenizer, monkeypatch
 
 def test_failed_rewrite_keeps_the_file_already_on_disk(char_tokenizer, monkeypatch):
     """A full disk while compressing further: the old file stays whole and the entry points at it."""
-    from kvcli import service as service_module
+    from kvcli.serve import service as service_module
     from kvcli.errors import KvcliError
 
     service = tiny_service(char_tokenizer)
@@ -245,7 +245,7 @@ def test_a_damaged_file_is_read_again_from_the_text(char_tokenizer):
     again = ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
     assert again["answer"] == first["answer"]
     (rewritten,) = service.store.glob("*.kvc")
-    from kvcli.persist import load
+    from kvcli.store.persist import load
 
     load(service.model, rewritten)  # whole again
 
@@ -254,7 +254,7 @@ KILL_MID_WRITE = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 os.environ["KVCLI_CACHE_DIR"] = {cache!r}
-from kvcli import cachefile
+from kvcli.store import kvcfile as cachefile
 from tests.conftest import CharTokenizer
 from tests.test_manager import DOCUMENT, tiny_service
 
@@ -282,7 +282,7 @@ def test_killed_mid_write_leaves_no_corrupt_cache_and_restarts(char_tokenizer, t
     import sys
     from pathlib import Path
 
-    from kvcli.persist import load, store_dir
+    from kvcli.store.persist import load, store_dir
 
     root = str(Path(__file__).resolve().parents[1])
     script = KILL_MID_WRITE.format(root=root, cache=os.environ["KVCLI_CACHE_DIR"])

@@ -10,8 +10,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kvcli.cachefile import read_header
-from kvcli.cli import app
+from kvcli.store.kvcfile import read_header
+from kvcli.cli.main import app
 from tests.test_manager import DOCUMENT
 from tests.test_server import service, url  # noqa: F401 (fixtures: a server on a tiny model)
 
@@ -128,7 +128,7 @@ def test_kvcli_serve_process_answers_stops_cleanly_and_restarts_with_its_disk_ti
     socket_url = f"unix://{socket_path}"
 
     def serve():
-        proc = subprocess.Popen([sys.executable, "-m", "kvcli.cli", "serve", "--socket", str(socket_path), "--cpu-bytes", "1G"],
+        proc = subprocess.Popen([sys.executable, "-m", "kvcli.cli.main", "serve", "--socket", str(socket_path), "--cpu-bytes", "1G"],
                                 stderr=subprocess.PIPE, text=True, env=env)
         lines = []
         for line in proc.stderr:
@@ -143,7 +143,7 @@ def test_kvcli_serve_process_answers_stops_cleanly_and_restarts_with_its_disk_ti
         assert proc.wait(timeout=60) == 130, rest
         return rest
 
-    ask = [sys.executable, "-m", "kvcli.cli", "ask", str(doc), "Who counted?", "--reuse", "--json", "--max-new-tokens", "8", "--server", socket_url]
+    ask = [sys.executable, "-m", "kvcli.cli.main", "ask", str(doc), "Who counted?", "--reuse", "--json", "--max-new-tokens", "8", "--server", socket_url]
     proc, lines = serve()
     try:
         first = json.loads(subprocess.run(ask, capture_output=True, text=True, env=env, check=True).stdout)
@@ -163,7 +163,7 @@ def test_kvcli_serve_process_answers_stops_cleanly_and_restarts_with_its_disk_ti
 
 def test_one_server_per_cache_store(tmp_path):
     from kvcli.errors import KvcliError
-    from kvcli.serve_cli import _claim_store
+    from kvcli.cli.serve import _claim_store
 
     first = _claim_store(tmp_path)
     with pytest.raises(KvcliError, match="another `kvcli serve`"):

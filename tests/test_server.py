@@ -1,4 +1,4 @@
-"""`kvcli serve` over loopback with a tiny random model: API, errors, load, disconnects (kvcli.server)."""
+"""`kvcli serve` over loopback with a tiny random model: API, errors, load, disconnects (kvcli.serve.server)."""
 
 import http.client
 import json
@@ -9,11 +9,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from kvcli.client import Client
+from kvcli.serve.client import Client
 from kvcli.errors import KvcliError
-from kvcli.manager import NOWHERE
-from kvcli.profiling import AgreementProfiler
-from kvcli.server import check_loopback, make_server, server_url
+from kvcli.serve.manager import NOWHERE
+from kvcli.serve.profiling import AgreementProfiler
+from kvcli.serve.server import check_loopback, make_server, server_url
 from tests.test_manager import DOCUMENT, tiny_service
 
 

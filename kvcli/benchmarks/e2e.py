@@ -124,8 +124,8 @@ def layout_for(ids: list[int], question: bool):
 
 def ours(model, ids: list[int], ratio: float, chunk_size: int, weight_bytes: int, bandwidth: float) -> dict:
     from kvcli.generate import GraphedStep, forward
-    from kvcli.methods import make_press
-    from kvcli.prefill import prefill
+    from kvcli.compress.methods import make_press
+    from kvcli.compress.prefill import prefill
 
     press = make_press("full") if ratio >= 1.0 else make_press("ada-snapkv", ratio=ratio)
     torch.cuda.empty_cache()
@@ -168,10 +168,10 @@ def ours(model, ids: list[int], ratio: float, chunk_size: int, weight_bytes: int
 
 def reuse(model, ids: list[int], ratio: float, chunk_size: int) -> dict:
     """TTFT: load a saved agnostic cache + prefill the question vs read document + question."""
-    from kvcli.cachefile import load_cache, save_cache
+    from kvcli.store.kvcfile import load_cache, save_cache
     from kvcli.generate import forward
-    from kvcli.methods import make_press
-    from kvcli.prefill import prefill
+    from kvcli.compress.methods import make_press
+    from kvcli.compress.prefill import prefill
 
     question = torch.tensor([ids[-QUESTION_TOKENS:]], device="cuda")
     prefill(model, layout_for(ids[:2048], True), make_press("ada-snapkv", ratio=ratio), chunk_size=chunk_size)  # warm-up

@@ -8,7 +8,7 @@ are compared in one run, on the same question stream and the same tiers:
     systems do);
   - compress@R: every cache compressed at one fixed ratio R, same LRU (several R, so a
     baseline of about the joint policy's quality exists);
-  - joint(alpha): kvcli.manager's utility policy, choosing per document its configuration
+  - joint(alpha): kvcli.serve.manager's utility policy, choosing per document its configuration
     (method x ratio x kv dtype) and tier.
 
 Time to first token of a request = bytes loaded / measured tier bandwidth + question
@@ -19,7 +19,7 @@ with the embedded model on CPU, with a random-weight Llama-3.1-8B on a GPU.
 Quality = agreement with full-cache answers, per document and configuration:
   - simulated (default): from a per-document compression sensitivity; the policy sees the
     same numbers it is scored on (a perfect profiler);
-  - --real FILES: measured with the embedded model (kvcli.profiling) on pieces of real
+  - --real FILES: measured with the embedded model (kvcli.serve.profiling) on pieces of real
     documents; the policy sees agreement on the server's probe questions, the table reports
     agreement on other, held-out questions, so a profile that does not generalize shows.
 
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from kvcli.manager import (
+from kvcli.serve.manager import (
     DEFAULT_CONFIGS,
     CacheManager,
     CacheShape,
@@ -113,8 +113,8 @@ def real_pieces(paths: list[str], words: int, limit: int):
 def real_profiles(paths: list[str], configs: tuple[Config, ...], words: int, limit: int) -> list[tuple[dict, dict]]:
     """(quality the policy sees, quality it is scored on) per real document piece."""
     from kvcli.models import load_model
-    from kvcli.profiling import PROBE_QUESTIONS, AgreementProfiler
-    from kvcli.service import ModelService
+    from kvcli.serve.profiling import PROBE_QUESTIONS, AgreementProfiler
+    from kvcli.serve.service import ModelService
 
     model = load_model("default")
     manager = CacheManager([Tier("cpu", 0, math.inf)], ModelService.shape_of(model), configs=configs)
@@ -141,8 +141,8 @@ def prefill_seconds_per_token(gpu: bool, tokens: int) -> float:
 
     import torch
 
-    from kvcli.methods import make_press
-    from kvcli.prefill import prefill
+    from kvcli.compress.methods import make_press
+    from kvcli.compress.prefill import prefill
 
     if gpu:
         from kvcli.attention import install

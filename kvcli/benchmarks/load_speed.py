@@ -24,7 +24,7 @@ import time
 import torch
 
 from kvcli.cache import CompressedCache, LayerCache
-from kvcli.cachefile import load_cache, read_header, save_cache
+from kvcli.store.kvcfile import load_cache, read_header, save_cache
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -4,7 +4,7 @@ samples/long_manual.txt (about 23K SmolLM2 tokens; the embedded model has 8,192
 positions) with its nine questions in samples/questions.jsonl (three each early, middle
 and late). Each question is answered:
 
-  - progressive, question-aware: the manual read in chunks (kvcli.longdoc), the question
+  - progressive, question-aware: the manual read in chunks (kvcli.compress.progressive), the question
     observing every step, compressed with --method at --budget tokens per head;
   - progressive, agnostic: read once without the question, the nine questions answered
     as one batch from that cache;
@@ -29,7 +29,7 @@ from collections import defaultdict
 from kvcli import api
 from kvcli.benchmarks.sample_quality import SAMPLES, correct, load_questions
 from kvcli.documents import Document, PageSpan, load_document
-from kvcli.methods import make_press
+from kvcli.compress.methods import make_press
 from kvcli.models import load_model
 from kvcli.prompts import PromptLayout
 

@@ -3,7 +3,7 @@
 One RULER needle ("One of the special magic numbers for KEY is: 1234567.") planted at a
 given depth of a noise haystack `--times` x the model's context long (4x: ~32K tokens for
 the embedded model's 8,192 positions), asked for after the document. Every method reads the
-whole haystack progressively (kvcli.longdoc), question-aware, at `--budget` tokens per KV
+whole haystack progressively (kvcli.compress.progressive), question-aware, at `--budget` tokens per KV
 head; "truncated" is the same model with a full cache of the haystack's first part that fits
 (it can only find needles in the first ~1/times of the document). An answer is correct when
 it contains the number (RULER's string match).
@@ -24,9 +24,9 @@ import torch
 
 from kvcli import api
 from kvcli.documents import Document, PageSpan
-from kvcli.methods import make_press
+from kvcli.compress.methods import make_press
 from kvcli.models import load_model
-from kvcli.tasks import NOISE, WORDS
+from kvcli.eval.tasks import NOISE, WORDS
 
 QUESTION = "What is the special magic number for {key} mentioned in the document? Answer with the number only."
 

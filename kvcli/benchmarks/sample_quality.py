@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kvcli import api
 from kvcli.documents import load_document
-from kvcli.methods import METHODS, make_press
+from kvcli.compress.methods import METHODS, make_press
 from kvcli.models import load_model
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"

@@ -52,7 +52,7 @@ import torch
 import kvcli
 from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.errors import KvcliError
-from kvcli.quantize import dequantize, quantize
+from kvcli.store.quantize import dequantize, quantize
 
 FORMAT = "kvcli-cache"
 FORMAT_VERSION = 2
@@ -206,7 +206,7 @@ def save_cache(path: str | os.PathLike, cache: CompressedCache, header: dict, *,
     """Write batch row 0 of `cache` (only the rows in use) to `path` as a .kvc file.
 
     kv_dtype: "auto" (the cache's dtype), "bf16", "fp16", "fp32" (cast), or "int8" /
-    "int4" (lossy, per group of 32 along head_dim, see kvcli.quantize). `header` is any
+    "int4" (lossy, per group of 32 along head_dim, see kvcli.store.quantize). `header` is any
     JSON-serializable dict; it is stored with the keys this module adds (which win on a
     clash). Returns the number of bytes written. Atomic: see the module docstring.
     """

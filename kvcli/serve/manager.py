@@ -8,7 +8,7 @@ store, or nowhere: read the text again). Each choice is scored by one utility
     U(c, x, t) = freq(c) * (quality(c, x) - alpha * ttft(c, x, t))
 
     quality(c, x)  in [0, 1]: agreement of answers over configuration x with answers over
-                   the full cache (profiled per document: kvcli.profiling.AgreementProfiler)
+                   the full cache (profiled per document: kvcli.serve.profiling.AgreementProfiler)
     ttft(c, x, t)  seconds: bytes(c, x, t) / bandwidth(t) + question_tokens * prefill_s_per_token
                    for a tier that holds it (the compute tier's bandwidth is infinite);
                    (document + question tokens) * prefill_s_per_token when it is held nowhere
@@ -25,7 +25,7 @@ it is demoted rather than compressed: it stays lightly compressed. Every change 
 appended to `decisions` with its reason.
 
 This module is bookkeeping only: no model, no files. The server applies the placement it
-computes (kvcli.service); the benchmark simulates it (kvcli.benchmarks.evicpress). Its
+computes (kvcli.serve.service); the benchmark simulates it (kvcli.benchmarks.evicpress). Its
 methods take one re-entrant lock, so the server can list caches from one thread while a
 request moves them in another.
 """
@@ -44,7 +44,7 @@ DEFAULT_ALPHA = 0.5  # quality per second of time to first token
 DEFAULT_HALF_LIFE = 600.0  # seconds: an access ten minutes ago counts half
 DEFAULT_QUESTION_TOKENS = 32  # a typical question part (chat turn + question)
 NOWHERE = "none"  # not stored: the next question reads the document again
-GROUP_SIZE = 32  # kvcli.cachefile quantizes per group of 32 values along head_dim
+GROUP_SIZE = 32  # kvcli.store.kvcfile quantizes per group of 32 values along head_dim
 
 
 @dataclass(frozen=True)

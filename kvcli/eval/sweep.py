@@ -4,8 +4,8 @@ scored and compared with the full cache; one result row per run, resumable.
 Per (task, length, sample) the full cache is read once, question-agnostically (an aware
 prompt is the same tokens, so it serves both modes), and answers greedily: that is the
 reference, recorded as method "full". Each (method, ratio, mode) then reads the document
-compressed, is compared with the reference (kvcli.fidelity), answers and is scored
-(kvcli.tasks). A press that keeps the whole document (ratio 1) *is* the full cache, so
+compressed, is compared with the reference (kvcli.eval.fidelity), answers and is scored
+(kvcli.eval.tasks). A press that keeps the whole document (ratio 1) *is* the full cache, so
 its row is the reference's rather than a recomputation.
 
 Rows are keyed by (task, length, method, ratio, mode, seed, sample) and appended to
@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kvcli import api, fidelity, tasks
+from kvcli import api
+from kvcli.eval import fidelity
+from kvcli.eval import tasks
 from kvcli.documents import Document, PageSpan
 from kvcli.errors import KvcliError
-from kvcli.methods import METHODS, make_press
+from kvcli.compress.methods import METHODS, make_press
 from kvcli.models import LoadedModel
 from kvcli.prompts import PromptLayout
-from kvcli.tasks import TASKS
+from kvcli.eval.tasks import TASKS
 
 MODES = ("aware", "agnostic")
 KEY = ("task", "length", "method", "ratio", "mode", "seed", "sample")
@@ -254,9 +256,9 @@ def _normalize(text: str) -> str:
 
 def evaluate(model: LoadedModel, sweep: Sweep, directory: str | os.PathLike, *, progress: Progress | None = None) -> dict:
     """Run `sweep` into `directory`, resuming what is there, and write the reports (also
-    when interrupted). Returns the summary of every row in the folder (kvcli.evalreport),
+    when interrupted). Returns the summary of every row in the folder (kvcli.eval.report),
     with `runs_made` by this call and the report `files`."""
-    from kvcli.evalreport import write_reports  # it reads this module's row layout: import here, not at the top
+    from kvcli.eval.report import write_reports  # it reads this module's row layout: import here, not at the top
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():

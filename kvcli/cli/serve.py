@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvcli.manager import DEFAULT_ALPHA
+from kvcli.serve.manager import DEFAULT_ALPHA
 
 IDLE_CHECK_SECONDS = 10.0  # how often the idle profiler looks for work
 
@@ -71,15 +71,15 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request and placement decision on stderr.")] = False,
     ) -> None:
         """Keep the model loaded and serve ask/compress/cache over a local JSON API."""
-        from kvcli.cli import _guard, stderr
+        from kvcli.cli.common import guard, stderr
 
         def run():
             from kvcli.errors import KvcliError
-            from kvcli.manager import CacheManager, machine_tiers
+            from kvcli.serve.manager import CacheManager, machine_tiers
             from kvcli.models import load_model
-            from kvcli.persist import store_dir
-            from kvcli.server import check_loopback, make_server, server_url
-            from kvcli.service import ModelService
+            from kvcli.store.persist import store_dir
+            from kvcli.serve.server import check_loopback, make_server, server_url
+            from kvcli.serve.service import ModelService
 
             if max_pending < 1:
                 raise KvcliError("--max-pending must be at least 1")
@@ -125,4 +125,4 @@ def register(app: typer.Typer) -> None:
                 stderr.print(f"{service.stop()} cached document(s) on disk", markup=False)
                 claim.close()
 
-        _guard(run)
+        guard(run)

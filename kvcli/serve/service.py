@@ -1,6 +1,6 @@
 """The model side of `kvcli serve`: one loaded model, the cache manager, and the physical
 copies its placement asks for (memory tiers hold caches on their device, the disk tier is
-the kvcli store). No HTTP here: kvcli.server puts this behind the JSON API, and tests
+the kvcli store). No HTTP here: kvcli.serve.server puts this behind the JSON API, and tests
 call it directly.
 """
 
@@ -20,16 +20,18 @@ from typing import Callable
 
 import torch
 
-from kvcli import api, persist
-from kvcli.api import Compressed, Generation
+from kvcli import api
+from kvcli.store import persist
+from kvcli.api import Generation
+from kvcli.compress.reading import Compressed
 from kvcli.cache import CompressedCache, LayerCache
-from kvcli.cachefile import atomic_write, read_header, save_cache
+from kvcli.store.kvcfile import atomic_write, read_header, save_cache
 from kvcli.documents import Document, PageSpan, load_document
 from kvcli.errors import KvcliError
-from kvcli.manager import NOWHERE, CacheManager, CacheShape, Config, Entry
-from kvcli.methods import make_press
+from kvcli.serve.manager import NOWHERE, CacheManager, CacheShape, Config, Entry
+from kvcli.compress.methods import make_press
 from kvcli.models import LoadedModel
-from kvcli.profiling import AgreementProfiler, press_for, quantized_copy
+from kvcli.serve.profiling import AgreementProfiler, press_for, quantized_copy
 from kvcli.prompts import PromptLayout
 
 DEFAULT_MAX_PENDING = 8  # requests running or queued for the model; the next gets 503

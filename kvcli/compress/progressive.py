@@ -58,14 +58,14 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from kvcli import attention
-from kvcli.budgets import CrossLayerPolicy
+from kvcli.compress.budgets import CrossLayerPolicy
 from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.errors import KvcliError
-from kvcli.methods import Press
-from kvcli.prefill import DEFAULT_CHUNK, PrefillResult, _sync
+from kvcli.compress.methods import Press
+from kvcli.compress.prefill import DEFAULT_CHUNK, PrefillResult, _sync
 from kvcli.prompts import PromptLayout
-from kvcli.scorers import Observation
-from kvcli.window import window_attention
+from kvcli.compress.scorers import Observation
+from kvcli.compress.window import window_attention
 
 # Chunks are never halved below this (or context / 8) when making room for the budget.
 MIN_CHUNK = 256

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from kvcli import __version__
-from kvcli.api import Compressed, Progress, read
-from kvcli.cachefile import load_cache, read_header, save_cache
+from kvcli.compress.reading import Compressed, Progress, read
+from kvcli.store.kvcfile import load_cache, read_header, save_cache
 from kvcli.documents import Document
 from kvcli.errors import KvcliError
-from kvcli.methods import Press, make_press
+from kvcli.compress.methods import Press, make_press
 from kvcli.models import LoadedModel, cache_dir
-from kvcli.prefill import DEFAULT_CHUNK
+from kvcli.compress.prefill import DEFAULT_CHUNK
 from kvcli.prompts import ChatTemplate, PromptLayout
 
 

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvcli import eval_cli, serve_cli
+from kvcli.cli import eval as eval_cli
+from kvcli.cli import serve as serve_cli
+from kvcli.cli.common import Reporter, guard, load_model_reporting, stderr
 from kvcli.errors import KvcliError
-from kvcli.methods import DEFAULT_METHOD, METHODS
+from kvcli.compress.methods import DEFAULT_METHOD, METHODS
 
 app = typer.Typer(
     help="Ask questions of long documents with a local LLM whose KV cache is compressed by eviction.",
@@ -32,7 +32,6 @@ app = typer.Typer(
 cache_app = typer.Typer(help="The content-addressed store of compressed caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-stderr = Console(stderr=True, highlight=False)
 
 
 # ---- shared options -------------------------------------------------------------------
@@ -53,50 +52,6 @@ PasswordOpt = Annotated[Optional[str], typer.Option("--password", envvar="KVCLI_
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Tokens per prefill chunk (bounds activation memory); also the chunk of a document read progressively.")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", envvar="KVCLI_SERVER", help="Go through a running `kvcli serve` (http://HOST:PORT or unix:///path): no model load; the server's model is used.")]
 MaxContextOpt = Annotated[Optional[int], typer.Option("--max-context", help="Use at most this many positions (default: the model's context); a longer document is read in chunks, compressing after each.")]
-
-
-class Reporter:
-    """Progress and notes on stderr, only when someone is watching."""
-
-    def __init__(self, quiet: bool):
-        self.enabled = not quiet and stderr.is_terminal
-
-    def note(self, message: str) -> None:
-        if self.enabled:
-            stderr.print(message)
-
-    def warn(self, message: str) -> None:
-        if not self.quiet_errors:
-            stderr.print(f"[yellow]warning:[/] {message}")
-
-    quiet_errors = False
-
-    @contextmanager
-    def status(self, message: str):
-        if not self.enabled:
-            yield
-            return
-        with stderr.status(message):
-            yield
-
-    @contextmanager
-    def layers(self, description: str):
-        """A progress bar over model layers; yields the callback prefill expects."""
-        if not self.enabled:
-            yield None
-            return
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr, transient=True) as bar:
-            task = bar.add_task(description, total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
-def _load_model(spec: str, device: str, reporter: Reporter):
-    from kvcli.models import load_model
-
-    with reporter.status(f"Loading model {spec} (the first run converts the embedded model: ~20 s)"):
-        model = load_model(spec, device=device)
-    reporter.note(f"[dim]model {model.name} on {model.device} ({str(model.dtype).removeprefix('torch.')}), loaded in {model.load_seconds:.1f} s[/]")
-    return model
 
 
 def _load_document(source: str, password: str | None, reporter: Reporter):
@@ -136,8 +91,9 @@ def _run_question(
 ) -> None:
     import time
 
-    from kvcli import api, persist
-    from kvcli.methods import make_press
+    from kvcli import api
+    from kvcli.store import persist
+    from kvcli.compress.methods import make_press
 
     reporter = Reporter(quiet)
     generation = api.Generation(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -152,12 +108,12 @@ def _run_question(
     if from_file and source == "-":
         raise KvcliError("a .kvc cache is read from a file, not stdin")
     if from_file:
-        from kvcli.cachefile import read_header
+        from kvcli.store.kvcfile import read_header
 
         read_header(source)  # a bad file fails here, before the model is loaded
     press = None if from_file else make_press(method, ratio=ratio, budget=budget, alpha=alpha)
     document = None if from_file else _load_document(source, password, reporter)
-    loaded = _load_model(model, device, reporter)
+    loaded = load_model_reporting(model, device, reporter)
     started = time.perf_counter()
     if from_file:
         compressed, header = persist.load(loaded, source)
@@ -202,25 +158,13 @@ def _run_question(
 
 def _ask_server(url: str, reporter: Reporter, **request) -> None:
     """`ask --server`: the server answers (with --reuse, from the cache its manager keeps)."""
-    from kvcli.client import remote_ask
+    from kvcli.serve.client import remote_ask
 
     result = remote_ask(url, **request)
     sys.stdout.flush()
     timings = result["timings"]
     held = f" ({timings['config']})" if "config" in timings else ""
     reporter.note(f"[dim]served by {url} from {timings['served_from']}{held}; first token {timings['ttft_seconds']:.2f} s[/]")
-
-
-def _guard(fn):
-    """KvcliError -> one line on stderr and exit 1; Ctrl-C -> exit 130; never a traceback."""
-    try:
-        fn()
-    except KvcliError as exc:
-        stderr.print(f"[red]kvcli: error:[/] {exc}", soft_wrap=True, markup=True)
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        stderr.print("kvcli: interrupted")
-        raise typer.Exit(130)
 
 
 # ---- commands -------------------------------------------------------------------------
@@ -255,7 +199,7 @@ def ask(
     server: ServerOpt = None,
 ) -> None:
     """Answer a question about a document (or a saved .kvc cache)."""
-    _guard(lambda: _run_question(
+    guard(lambda: _run_question(
         source=document, question=question, questions_file=questions, model=model, device=device, method=method,
         ratio=ratio, budget=budget, alpha=alpha, agnostic=agnostic, reuse=reuse, kv_dtype=kv_dtype,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, json_out=json_out, quiet=quiet,
@@ -285,7 +229,7 @@ def summarize(
     """Summarize a document (compression is question-agnostic: there is no question)."""
     from kvcli.prompts import SUMMARY_INSTRUCTION
 
-    _guard(lambda: _run_question(
+    guard(lambda: _run_question(
         source=document, question=SUMMARY_INSTRUCTION, model=model, device=device, method=method, ratio=ratio,
         budget=budget, alpha=alpha, agnostic=True, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
         json_out=json_out, quiet=quiet, password=password, chunk_size=chunk_size, max_context=max_context,
@@ -314,8 +258,9 @@ def compress(
     """Compress a document question-agnostically and save the cache for any later question."""
 
     def run():
-        from kvcli import api, persist
-        from kvcli.methods import make_press
+        from kvcli import api
+        from kvcli.store import persist
+        from kvcli.compress.methods import make_press
 
         if output is None and not server:
             raise KvcliError("give --output FILE.kvc (or --server URL to add the document to the server's managed caches)")
@@ -328,7 +273,7 @@ def compress(
             return
         press = make_press(method, ratio=ratio, budget=budget, alpha=alpha)
         doc = _load_document(document, password, reporter)
-        loaded = _load_model(model, device, reporter)
+        loaded = load_model_reporting(model, device, reporter)
         with reporter.layers(f"Compressing {doc.name}") as progress:
             compressed, written = persist.compress(
                 loaded, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
@@ -344,11 +289,11 @@ def compress(
             f"({press.name}, kv {kv_dtype}); compression {stats['compression_seconds']:.2f} s"
         )
 
-    _guard(run)
+    guard(run)
 
 
 def _compress_server(url: str, reporter: Reporter, *, json_out: bool, **request) -> None:
-    from kvcli.client import remote_compress
+    from kvcli.serve.client import remote_compress
 
     result = remote_compress(url, **request)
     if json_out:
@@ -372,12 +317,12 @@ def info(
     """Show the model, device, dtype, context length and library versions, or describe a .kvc file."""
 
     def run():
-        from kvcli.info import cache_file_info, model_info
+        from kvcli.cli.info import cache_file_info, model_info
 
         if cache_file is not None:
             details = cache_file_info(cache_file)
         else:
-            details = model_info(_load_model(model, device, Reporter(quiet)))
+            details = model_info(load_model_reporting(model, device, Reporter(quiet)))
         if json_out:
             sys.stdout.write(json.dumps(details) + "\n")
             return
@@ -385,7 +330,7 @@ def info(
         for key, value in details.items():
             sys.stdout.write(f"{key:<{width}}  {value}\n")
 
-    _guard(run)
+    guard(run)
 
 
 @cache_app.command("list")
@@ -393,7 +338,7 @@ def cache_list(json_out: JsonOpt = False, server: ServerOpt = None) -> None:
     """List the stored compressed caches (with --server: tier, configuration, size, utility and why)."""
 
     def run():
-        from kvcli.persist import store_entries
+        from kvcli.store.persist import store_entries
 
         if server:
             _list_server(server, json_out)
@@ -410,11 +355,11 @@ def cache_list(json_out: JsonOpt = False, server: ServerOpt = None) -> None:
             else:
                 sys.stdout.write(f"{e['id'][:12]}  {e['bytes'] / 1e6:8.1f} MB  {e['method']}@{e['ratio']}  {e['kv_dtype']}  {e['document']}  ({e['model']})\n")
 
-    _guard(run)
+    guard(run)
 
 
 def _list_server(url: str, json_out: bool) -> None:
-    from kvcli.client import CACHE_HEADER, Client, format_cache_row
+    from kvcli.serve.client import CACHE_HEADER, Client, format_cache_row
 
     rows = Client(url).caches()["caches"]
     if json_out:
@@ -435,13 +380,13 @@ def cache_rm(
     """Remove one stored cache."""
 
     def run():
-        from kvcli.client import Client
-        from kvcli.persist import store_remove
+        from kvcli.serve.client import Client
+        from kvcli.store.persist import store_remove
 
         for removed in Client(server).remove(cache_id) if server else store_remove(cache_id):
             sys.stdout.write(f"removed {removed}\n")
 
-    _guard(run)
+    guard(run)
 
 
 @cache_app.command("clear")
@@ -449,13 +394,13 @@ def cache_clear(server: ServerOpt = None) -> None:
     """Remove every stored cache (with --server: every cache the server manages)."""
 
     def run():
-        from kvcli.client import Client
-        from kvcli.persist import store_clear
+        from kvcli.serve.client import Client
+        from kvcli.store.persist import store_clear
 
         count = len(Client(server).clear()) if server else store_clear()
         sys.stdout.write(f"removed {count} cache(s)\n")
 
-    _guard(run)
+    guard(run)
 
 
 serve_cli.register(app)

@@ -1,4 +1,4 @@
-"""A tiny stdlib client for `kvcli serve` (see kvcli.server for the API).
+"""A tiny stdlib client for `kvcli serve` (see kvcli.serve.server for the API).
 
     client = Client("http://127.0.0.1:8765")        # or "unix:///run/user/1000/kvcli.sock"
     result = client.ask({"document": "report.pdf", "question": "Who audited it?"}, on_token=print)

@@ -1,7 +1,7 @@
 """quality(c, x) of the cache manager: how far a compressed cache's answers drift from the full one's.
 
 The fidelity metric EVICPRESS profiles per document: agreement with the full cache on
-probe questions, measured with the model itself (kvcli.service profiles every document
+probe questions, measured with the model itself (kvcli.serve.service profiles every document
 when it is added and again when idle; kvcli.benchmarks.evicpress --real uses it too).
 """
 
@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvcli import api, generate
-from kvcli.api import Compressed
+from kvcli.compress.reading import Compressed
 from kvcli.cache import CompressedCache, LayerCache
-from kvcli.cachefile import GROUP_SIZE
+from kvcli.store.kvcfile import GROUP_SIZE
 from kvcli.documents import Document
-from kvcli.fidelity import continuation_logits
-from kvcli.manager import Config, Entry
-from kvcli.methods import make_press
-from kvcli.quantize import dequantize, quantize
+from kvcli.eval.fidelity import continuation_logits
+from kvcli.serve.manager import Config, Entry
+from kvcli.compress.methods import make_press
+from kvcli.store.quantize import dequantize, quantize
 
 if TYPE_CHECKING:
-    from kvcli.service import ModelService
+    from kvcli.serve.service import ModelService
 
 PROBE_QUESTIONS = ("What is this document about?", "List the key facts the document states.")
 

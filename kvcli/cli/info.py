@@ -48,7 +48,7 @@ def model_info(model: LoadedModel) -> dict:
 
 def cache_file_info(path: str) -> dict:
     """What a .kvc file holds, from its header alone (no tensors are read)."""
-    from kvcli.cachefile import read_header
+    from kvcli.store.kvcfile import read_header
 
     header = read_header(path)
     kept = [sum(layer) for layer in header.get("lengths", [])]

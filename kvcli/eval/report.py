@@ -20,9 +20,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from kvcli.cachefile import atomic_write
-from kvcli.methods import METHODS
-from kvcli.sweep import KEY
+from kvcli.store.kvcfile import atomic_write
+from kvcli.compress.methods import METHODS
+from kvcli.eval.sweep import KEY
 
 GROUP = ("method", "ratio", "mode")
 RATIO_ONE = "ratio 1 keeps the whole document: it is the full cache, the first row"

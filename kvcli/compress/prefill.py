@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from kvcli import attention
-from kvcli.budgets import CrossLayerPolicy
+from kvcli.compress.budgets import CrossLayerPolicy
 from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
-from kvcli.methods import Press
+from kvcli.compress.methods import Press
 from kvcli.prompts import PromptLayout
-from kvcli.scorers import Observation
-from kvcli.window import window_attention
+from kvcli.compress.scorers import Observation
+from kvcli.compress.window import window_attention
 
 # 2048 tokens per chunk: the MLP activations of a chunk stay small next to one layer's
 # K/V at long lengths, and chunks are still large enough to keep the matmuls efficient.

@@ -35,7 +35,7 @@ most `max_pending` requests wait or run at once, the next gets 503. After each r
 holding the model) the server profiles documents added since and settles placement, so
 neither delays a first token. A client that disconnects mid-stream stops its decode;
 nothing stored changes because answers decode over a copy of the cache. Caches reach disk
-only through kvcli.cachefile.save_cache (atomic), so a kill mid-write leaves the previous
+only through kvcli.store.kvcfile.save_cache (atomic), so a kill mid-write leaves the previous
 state; a failed write (full disk) falls back to the copy still held. On restart the disk
 tier (the kvcli store) is scanned and reused; a clean stop first writes memory tiers there.
 """
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Callable
 
 from kvcli.errors import KvcliError
-from kvcli.service import Busy, ModelService, NotFound, body_field
+from kvcli.serve.service import Busy, ModelService, NotFound, body_field
 
 MAX_BODY_BYTES = 64 << 20  # a long document as text fits; anything larger is refused
 REQUEST_TIMEOUT = 120  # seconds a connection may stall (reading a body, or a client not reading)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from kvcli.budgets import CrossLayerPolicy, Policy
+from kvcli.compress.budgets import CrossLayerPolicy, Policy
 from kvcli.errors import KvcliError
-from kvcli.scorers import KVzip, RandomScorer, Scorer, SnapKV, Streaming
+from kvcli.compress.scorers import KVzip, RandomScorer, Scorer, SnapKV, Streaming
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The `kvcli eval` command: what compression costs in quality, on your model, offline.
 
-Thin: parse the lists, load the model, call kvcli.sweep.evaluate, print the tables (or
+Thin: parse the lists, load the model, call kvcli.eval.sweep.evaluate, print the tables (or
 one JSON object with --json). Progress with an ETA goes to stderr.
 """
 
@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcli.errors import KvcliError
-from kvcli.tasks import TASKS
+from kvcli.eval.tasks import TASKS
 
 DEFAULT_METHODS = "ada-snapkv,snapkv,pyramid,dynamic,kvzip,streaming,random"
 DEFAULT_RATIOS = "1,0.5,0.25,0.1"
@@ -59,13 +59,13 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")] = False,
     ) -> None:
         """Measure what compression costs: RULER-style tasks and fidelity to the full cache, resumable."""
-        from kvcli.cli import Reporter, _guard, _load_model
+        from kvcli.cli.common import Reporter, guard, load_model_reporting
 
         def run():
             from rich.console import Console
 
-            from kvcli import evalreport
-            from kvcli.sweep import MODES, Sweep, evaluate
+            from kvcli.eval import report as evalreport
+            from kvcli.eval.sweep import MODES, Sweep, evaluate
 
             modes = [m for m, chosen in zip(MODES, (aware, agnostic)) if chosen] or list(MODES)
             sweep = Sweep(
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
                 max_new_tokens=max_new_tokens,
             )
             reporter = Reporter(quiet)
-            loaded = _load_model(model, device, reporter)
+            loaded = load_model_reporting(model, device, reporter)
             with _progress_bar(reporter) as progress:
                 summary = evaluate(loaded, sweep, out, progress=progress)
             if json_out:
@@ -86,18 +86,18 @@ def register(app: typer.Typer) -> None:
                     console.print(table)
             reporter.note(f"[dim]{summary['runs_made']} runs made, {summary['runs']} in {out}/results.jsonl; wrote {', '.join(summary['files'])}[/]")
 
-        _guard(run)
+        guard(run)
 
 
 @contextmanager
 def _progress_bar(reporter):
-    """A bar over runs with an ETA on stderr; yields the callback kvcli.sweep.run expects."""
+    """A bar over runs with an ETA on stderr; yields the callback kvcli.eval.sweep.run expects."""
     if not reporter.enabled:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from kvcli.cli import stderr
+    from kvcli.cli.common import stderr
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True) as bar:
