@@ -28,6 +28,15 @@ import torch
 DEFAULT_HEADROOM = 512
 
 
+def segment_offsets(rows: torch.Tensor, headroom: int) -> torch.Tensor:
+    """[Hkv + 1] int64 segment starts of the flat layout: head h owns rows[h] + headroom rows.
+
+    The one place the layout is computed (the cache, the .kvc loader and growth use it)."""
+    offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=rows.device)
+    offsets[1:] = torch.cumsum(rows.long() + headroom, 0)
+    return offsets
+
+
 @dataclass
 class LayerCache:
     keys: torch.Tensor  # [B, C, D]
@@ -45,6 +54,29 @@ class LayerCache:
         return self.offsets[1:] - self.offsets[:-1]  # [Hkv]
 
     @classmethod
+    def from_heads(
+        cls,
+        keys: list[torch.Tensor],  # per head [n_h, D]
+        values: list[torch.Tensor],  # per head [n_h, D]
+        positions: list[torch.Tensor],  # per head [n_h] original positions
+        headroom: int = DEFAULT_HEADROOM,
+    ) -> "LayerCache":
+        """One sequence's per-head rows laid out flat, each segment followed by `headroom`."""
+        device = keys[0].device
+        counts = torch.tensor([k.shape[0] for k in keys], dtype=torch.int64)
+        offsets = segment_offsets(counts, headroom)
+        capacity = int(offsets[-1])
+        flat_keys = keys[0].new_zeros(1, capacity, keys[0].shape[-1])
+        flat_values = values[0].new_zeros(1, capacity, values[0].shape[-1])
+        flat_positions = torch.full((1, capacity), -1, dtype=torch.int32, device=device)
+        for h, (k, v, p) in enumerate(zip(keys, values, positions)):
+            start, n = int(offsets[h]), k.shape[0]
+            flat_keys[0, start : start + n] = k
+            flat_values[0, start : start + n] = v
+            flat_positions[0, start : start + n] = p.to(device=device, dtype=torch.int32)
+        return cls(flat_keys, flat_values, flat_positions, offsets.to(device, torch.int32), counts.to(device, torch.int32).unsqueeze(0))
+
+    @classmethod
     def from_kept(
         cls,
         keys: torch.Tensor,  # [Hkv, T, D] full keys of one sequence
@@ -53,47 +85,13 @@ class LayerCache:
         kept: list[torch.Tensor],  # per head: sorted token indices to keep
         headroom: int = DEFAULT_HEADROOM,
     ) -> "LayerCache":
-        """Gather the kept rows of every head into the flat layout (one pass)."""
-        num_heads, _, head_dim = keys.shape
+        """The kept rows of a full cache, per head, in the flat layout."""
         device = keys.device
-        counts = torch.tensor([len(k) for k in kept], dtype=torch.int64)
-        segment = counts + headroom
-        offsets = torch.zeros(num_heads + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(segment, 0)
-        capacity = int(offsets[-1])
-        flat_keys = keys.new_zeros(1, capacity, head_dim)
-        flat_values = values.new_zeros(1, capacity, head_dim)
-        flat_positions = torch.full((1, capacity), -1, dtype=torch.int32, device=device)
-        index = torch.cat([idx.to(device=device, dtype=torch.int64) for idx in kept])  # [total]
-        head = torch.repeat_interleave(torch.arange(num_heads), counts).to(device)  # [total]
-        dest = torch.cat([torch.arange(int(o), int(o) + int(n)) for o, n in zip(offsets[:-1], counts)]).to(device)
-        flat_keys[0, dest] = keys[head, index]
-        flat_values[0, dest] = values[head, index]
-        flat_positions[0, dest] = positions.to(device=device, dtype=torch.int32)[index]
-        return cls(
-            keys=flat_keys,
-            values=flat_values,
-            positions=flat_positions,
-            offsets=offsets.to(device=device, dtype=torch.int32),
-            lengths=counts.to(device=device, dtype=torch.int32).unsqueeze(0),
+        index = [idx.to(device=device, dtype=torch.int64) for idx in kept]
+        return cls.from_heads(
+            [keys[h, i] for h, i in enumerate(index)], [values[h, i] for h, i in enumerate(index)],
+            [positions.to(device)[i] for i in index], headroom,
         )
-
-    def subset(self, rows: list[torch.Tensor], headroom: int = DEFAULT_HEADROOM) -> "LayerCache":
-        """A new single-sequence layer keeping, per head, the given rows of its segment."""
-        assert self.keys.shape[0] == 1, "subset a single-sequence cache"
-        device = self.keys.device
-        source = torch.cat([r.to(device).long() + int(self.offsets[h]) for h, r in enumerate(rows)])  # [total]
-        counts = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts + headroom, 0)
-        dest = torch.cat([torch.arange(int(o), int(o) + int(n)) for o, n in zip(offsets[:-1], counts)]).to(device)
-        keys = self.keys.new_zeros(1, int(offsets[-1]), self.keys.shape[-1])
-        values = torch.zeros_like(keys)
-        positions = torch.full((1, int(offsets[-1])), -1, dtype=torch.int32, device=device)
-        keys[0, dest] = self.keys[0, source]
-        values[0, dest] = self.values[0, source]
-        positions[0, dest] = self.positions[0, source]
-        return LayerCache(keys, values, positions, offsets.to(device, torch.int32), counts.to(device, torch.int32).unsqueeze(0))
 
     def head_rows(self, batch: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values and positions in use for one (sequence, head): [n, D], [n, D], [n]."""
@@ -136,9 +134,7 @@ class LayerCache:
         """Give every head `extra` more rows of headroom (rare: a very long conversation)."""
         batch, _, head_dim = self.keys.shape
         old_offsets = self.offsets.long()
-        new_capacity = self.capacity_per_head.long() + extra
-        new_offsets = torch.zeros_like(old_offsets)
-        new_offsets[1:] = torch.cumsum(new_capacity, 0)
+        new_offsets = segment_offsets(self.capacity_per_head.long(), extra)
         total = int(new_offsets[-1])
         keys = self.keys.new_zeros(batch, total, head_dim)
         values = self.values.new_zeros(batch, total, head_dim)

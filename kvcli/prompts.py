@@ -74,11 +74,6 @@ class PromptLayout:
         return encode(self.tokenizer, self.template.middle + question.strip() + self.template.suffix)
 
     @property
-    def context_ids(self) -> list[int]:
-        """What the compressed cache holds: prefix + document."""
-        return self.prefix_ids + self.document_ids
-
-    @property
     def all_ids(self) -> list[int]:
         return self.prefix_ids + self.document_ids + self.question_ids
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from kvcli.compress.budgets import CrossLayerPolicy, Policy, layer_budgets, select_ada
 from kvcli.cache import LayerCache, attend_reference
 from kvcli.generate import decode, forward
-from kvcli.compress.methods import METHODS, make_press
-from kvcli.compress.prefill import prefill
+from kvcli.compress.methods import make_press
+from kvcli.compress.pipeline import prefill
 from kvcli.prompts import PromptLayout
 from tests.conftest import tiny_llama
 
@@ -79,22 +79,6 @@ def test_snapkv_matches_naive_attention_weights(heads, char_tokenizer):
         assert doc_kept(result.cache.layers[layer_idx], layout) == expected
 
 
-def test_every_method_runs_and_respects_its_budget(char_tokenizer):
-    _, ours = tiny_llama(8, 2, layers=4)
-    layout = PromptLayout.build(char_tokenizer, DOCUMENT, QUESTION)
-    doc_length = len(layout.document_ids)
-    for method in METHODS:
-        press = make_press(method, ratio=0.25)
-        result = prefill(ours, layout, press)
-        kept = torch.tensor(result.layer_kept)  # [L, Hkv] document tokens kept
-        if method == "full":
-            assert (kept == doc_length).all()
-        else:
-            assert kept.sum() <= round(0.25 * doc_length) * kept.numel() + kept.shape[0], method
-        out = decode(ours, result.cache, result.last_logits[None], max_new_tokens=3, stop_ids=set())
-        assert len(out[0]) == 3
-
-
 def test_uniform_and_pyramid_budgets():
     scores = torch.rand(4, 200)
     kept = Policy("uniform", "uniform").select(0, 8, scores, 50)
@@ -113,10 +97,18 @@ def test_ada_floor_and_total():
     assert sum(counts) == 4 * 40
     assert min(counts) >= 8  # the floor: 20% of 40
     assert counts[0] > 40
-    # kept sets are each head's own best tokens beyond the floor (no head keeps a token worse than
-    # one it dropped while another head kept a worse one)
+    # Ada-KV's choice beyond the floor is one top-k over all heads: every token kept beyond
+    # its head's floor scores at least as high as every token any head dropped
+    floor = int(0.2 * 40)
+    extra_min, dropped_max = float("inf"), float("-inf")
     for h, k in enumerate(kept):
-        assert len(set(k.tolist())) == len(k)
+        own_floor = set(scores[h].topk(floor).indices.tolist())
+        kept_set = set(k.tolist())
+        beyond = [scores[h, i].item() for i in kept_set - own_floor]
+        dropped = [scores[h, i].item() for i in range(300) if i not in kept_set]
+        extra_min = min([extra_min, *beyond])
+        dropped_max = max([dropped_max, *dropped])
+    assert extra_min >= dropped_max
 
 
 def test_dynamic_never_exceeds_layer_maxima(char_tokenizer):

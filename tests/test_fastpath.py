@@ -13,7 +13,7 @@ from kvcli.attention import install
 from kvcli.fastpath import FusedDecoder, unsupported_reason
 from kvcli.generate import decode, forward
 from kvcli.compress.methods import make_press
-from kvcli.compress.prefill import prefill
+from kvcli.compress.pipeline import prefill
 from kvcli.prompts import PromptLayout
 from tests.conftest import tiny_llama
 

@@ -10,7 +10,7 @@ from kvcli.documents import Document, PageSpan
 from kvcli.generate import decode, forward
 from kvcli.compress.methods import METHODS, make_press
 from kvcli.models import LoadedModel
-from kvcli.compress.prefill import prefill
+from kvcli.compress.pipeline import prefill
 from kvcli.prompts import PromptLayout
 from tests.conftest import CharTokenizer, tiny_llama
 
@@ -171,7 +171,11 @@ def test_compact_positions_match_what_the_keys_are_rotated_at(char_tokenizer):
     result = longdoc.read_progressive(model, layout, make_press("snapkv", budget=40), context=256, chunk_size=80, answer_tokens=16)
     # layer 0 keys depend only on the token and its position: recompute them at the original positions
     layer = result.cache.layers[0]
-    compact = longdoc.compact_positions(result.cache, len(layout.prefix_ids))[0]
+    # the scheme of kvcli.compress.progressive: the prefix at 0..p-1, each head's document rows
+    # right-aligned so that they end just before next_position
+    p, end = len(layout.prefix_ids), int(result.cache.next_position[0])
+    lengths = layer.lengths[0].tolist()
+    compact = [torch.cat([torch.arange(p), torch.arange(end - (n - p), end)]) for n in lengths]
     ids = torch.tensor([layout.all_ids])
     attn = model.model.layers[0].self_attn
     hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))

@@ -125,7 +125,7 @@ def layout_for(ids: list[int], question: bool):
 def ours(model, ids: list[int], ratio: float, chunk_size: int, weight_bytes: int, bandwidth: float) -> dict:
     from kvcli.generate import GraphedStep, forward
     from kvcli.compress.methods import make_press
-    from kvcli.compress.prefill import prefill
+    from kvcli.compress.pipeline import prefill
 
     press = make_press("full") if ratio >= 1.0 else make_press("ada-snapkv", ratio=ratio)
     torch.cuda.empty_cache()
@@ -171,7 +171,7 @@ def reuse(model, ids: list[int], ratio: float, chunk_size: int) -> dict:
     from kvcli.store.kvcfile import load_cache, save_cache
     from kvcli.generate import forward
     from kvcli.compress.methods import make_press
-    from kvcli.compress.prefill import prefill
+    from kvcli.compress.pipeline import prefill
 
     question = torch.tensor([ids[-QUESTION_TOKENS:]], device="cuda")
     prefill(model, layout_for(ids[:2048], True), make_press("ada-snapkv", ratio=ratio), chunk_size=chunk_size)  # warm-up

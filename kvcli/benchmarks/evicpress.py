@@ -44,9 +44,8 @@ from kvcli.serve.manager import (
     Config,
     Entry,
     Tier,
-    disk_read_bandwidth,
-    host_to_device_bandwidth,
 )
+from kvcli.serve.tiers import disk_read_bandwidth, host_to_device_bandwidth
 
 # Cache shapes of the models the benchmark can size caches for.
 SHAPES = {
@@ -118,7 +117,7 @@ def real_profiles(paths: list[str], configs: tuple[Config, ...], words: int, lim
 
     model = load_model("default")
     manager = CacheManager([Tier("cpu", 0, math.inf)], ModelService.shape_of(model), configs=configs)
-    profiler = AgreementProfiler(ModelService(model, manager, profile=False))
+    profiler = AgreementProfiler(model, manager.configs)
     profiles = []
     pieces = real_pieces(paths, words, limit)
     for k, document in enumerate(pieces):
@@ -142,7 +141,7 @@ def prefill_seconds_per_token(gpu: bool, tokens: int) -> float:
     import torch
 
     from kvcli.compress.methods import make_press
-    from kvcli.compress.prefill import prefill
+    from kvcli.compress.pipeline import prefill
 
     if gpu:
         from kvcli.attention import install

@@ -1,17 +1,47 @@
-"""Methods: named presets of (scorer, budget policy), and how much they keep.
+"""Methods: the one registry of (scorer, budget policy) presets, and how much they keep.
 
-One registry drives the CLI's choices, the eval sweeps and the contract test that runs
-every method.
+The registry drives the CLI's choices, the README's method table, the eval sweeps and the
+contract test that runs every method. Importing it imports no torch (so `kvcli --help`
+stays fast): scorers and policies are built by `make_press`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import importlib
+from dataclasses import dataclass, field
 
-from kvcli.compress.budgets import CrossLayerPolicy, Policy
 from kvcli.errors import KvcliError
-from kvcli.compress.scorers import KVzip, RandomScorer, Scorer, SnapKV, Streaming
+
+
+@dataclass(frozen=True)
+class Method:
+    scorer: str | None  # "module:Class" of the scorer; None keeps everything
+    policy: dict = field(default_factory=dict)  # budgets.Policy or, with "mode", budgets.CrossLayerPolicy
+    scorer_doc: str = "—"
+    budget_doc: str = "—"
+
+
+REGISTRY: dict[str, Method] = {
+    "full": Method(None, budget_doc="keep everything"),
+    "snapkv": Method("kvcli.compress.scorers:SnapKV", {}, "SnapKV observation window (pooled)", "same count for every head"),
+    "pyramid": Method("kvcli.compress.scorers:SnapKV", {"schedule": "pyramid"}, "SnapKV", "PyramidKV: lower layers keep more"),
+    "ada-snapkv": Method(
+        "kvcli.compress.scorers:SnapKV", {"heads": "ada"}, "SnapKV",
+        "Ada-KV: top-k across the heads of a layer, floor `--alpha` (default 0.2)",
+    ),
+    "ada-pyramid": Method("kvcli.compress.scorers:SnapKV", {"schedule": "pyramid", "heads": "ada"}, "SnapKV", "PyramidKV layers x Ada-KV heads"),
+    "dynamic": Method("kvcli.compress.scorers:SnapKV", {"mode": "dynamic"}, "SnapKV", "DynamicKV: layer budgets re-allocated as prefill goes"),
+    "kvzip": Method(
+        "kvcli.compress.scorers:KVzip", {"mode": "global", "max_factor": 3.0},
+        "KVzip: attention while reconstructing the document", "one threshold over all layers and heads",
+    ),
+    "knorm": Method("kvcli.compress.knorm:Knorm", {}, "minus the key norm (no observation)", "same count for every head"),
+    "streaming": Method("kvcli.compress.scorers:Streaming", {}, "sinks + recent tokens", "uniform"),
+    "random": Method("kvcli.compress.scorers:RandomScorer", {}, "random", "uniform (the floor to beat)"),
+}
+METHODS = list(REGISTRY)
+DEFAULT_METHOD = "ada-snapkv"
+DEFAULT_RATIO = 0.25
 
 
 @dataclass
@@ -19,8 +49,8 @@ class Press:
     """A compression method with its budget: `ratio` of the document, or `budget` tokens per head."""
 
     name: str
-    scorer: Scorer | None  # None: keep everything (the full cache)
-    policy: Policy | CrossLayerPolicy | None
+    scorer: object | None  # a kvcli.compress.scorers.Scorer; None: keep everything (the full cache)
+    policy: object | None  # a kvcli.compress.budgets.Policy or CrossLayerPolicy
     ratio: float | None = None
     budget: int | None = None
 
@@ -37,24 +67,19 @@ class Press:
         return {"method": self.name, "ratio": self.ratio, "budget": self.budget}
 
 
-PRESETS: dict[str, Callable[[], tuple[Scorer | None, Policy | CrossLayerPolicy | None]]] = {
-    "full": lambda: (None, None),
-    "snapkv": lambda: (SnapKV(), Policy("uniform", "uniform")),
-    "pyramid": lambda: (SnapKV(), Policy("pyramid", "uniform")),
-    "ada-snapkv": lambda: (SnapKV(), Policy("uniform", "ada")),
-    "ada-pyramid": lambda: (SnapKV(), Policy("pyramid", "ada")),
-    "dynamic": lambda: (SnapKV(), CrossLayerPolicy("dynamic")),
-    "kvzip": lambda: (KVzip(), CrossLayerPolicy("global", max_factor=3.0)),
-    "streaming": lambda: (Streaming(), Policy("uniform", "uniform")),
-    "random": lambda: (RandomScorer(), Policy("uniform", "uniform")),
-}
-METHODS = list(PRESETS)
-DEFAULT_METHOD = "ada-snapkv"
-DEFAULT_RATIO = 0.25
+def _build(method: Method):
+    if method.scorer is None:
+        return None, None
+    from kvcli.compress.budgets import CrossLayerPolicy, Policy
+
+    module, _, name = method.scorer.partition(":")
+    scorer = getattr(importlib.import_module(module), name)()
+    policy = CrossLayerPolicy(**method.policy) if "mode" in method.policy else Policy(**method.policy)
+    return scorer, policy
 
 
 def make_press(method: str, *, ratio: float | None = None, budget: int | None = None, alpha: float | None = None) -> Press:
-    if method not in PRESETS:
+    if method not in REGISTRY:
         raise KvcliError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if ratio is not None and budget is not None:
         raise KvcliError("give --ratio or --budget, not both")
@@ -62,13 +87,21 @@ def make_press(method: str, *, ratio: float | None = None, budget: int | None = 
         raise KvcliError(f"--ratio must be in (0, 1], got {ratio}")
     if budget is not None and budget < 1:
         raise KvcliError(f"--budget must be at least 1 token per head, got {budget}")
-    scorer, policy = PRESETS[method]()
+    scorer, policy = _build(REGISTRY[method])
     if alpha is not None:
-        if not isinstance(policy, Policy) or policy.heads != "ada":
-            raise KvcliError("--alpha applies to the Ada-KV methods (ada-snapkv, ada-pyramid)")
+        if getattr(policy, "heads", None) != "ada":
+            ada = ", ".join(name for name, m in REGISTRY.items() if m.policy.get("heads") == "ada")
+            raise KvcliError(f"--alpha applies to the Ada-KV methods ({ada})")
         if not 0.0 <= alpha <= 1.0:
             raise KvcliError(f"--alpha must be in [0, 1], got {alpha}")
         policy.alpha = alpha
     if ratio is None and budget is None and scorer is not None:
         ratio = DEFAULT_RATIO
     return Press(name=method, scorer=scorer, policy=policy, ratio=ratio, budget=budget)
+
+
+def markdown_table() -> str:
+    """The README's method table, generated from the registry (a test keeps README in step)."""
+    rows = ["| method | scorer | budget |", "|---|---|---|"]
+    rows += [f"| `{name}` | {m.scorer_doc} | {m.budget_doc} |" for name, m in REGISTRY.items()]
+    return "\n".join(rows)

@@ -54,18 +54,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from kvcli import attention
-from kvcli.compress.budgets import CrossLayerPolicy
-from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
-from kvcli.errors import KvcliError
+from kvcli.cache import DEFAULT_HEADROOM
 from kvcli.compress.methods import Press
-from kvcli.compress.prefill import DEFAULT_CHUNK, PrefillResult, _sync
+from kvcli.compress.pipeline import DEFAULT_CHUNK, LayerRows, PrefillResult, Step, finish, read_steps
+from kvcli.errors import KvcliError
 from kvcli.prompts import PromptLayout
-from kvcli.compress.scorers import Observation
-from kvcli.compress.window import window_attention
 
 # Chunks are never halved below this (or context / 8) when making room for the budget.
 MIN_CHUNK = 256
@@ -171,88 +166,6 @@ def plan(layout: PromptLayout, press: Press, *, context: int, chunk_size: int, a
     )
 
 
-# ---- the per-layer state and the attention backend for one step -------------------------
-
-
-@dataclass
-class _Layer:
-    """One layer's compressed cache between steps: per KV head, rows [prefix][document].
-
-    keys are rotated at `pos` (compact positions); `orig` are original prompt positions;
-    `seen` the best observation each row got so far (used by max-reducing scorers).
-    """
-
-    keys: list[torch.Tensor]  # per head [n_h, D]
-    values: list[torch.Tensor]
-    pos: list[torch.Tensor]  # per head [n_h] int64
-    orig: list[torch.Tensor]  # per head [n_h] int64
-    seen: list[torch.Tensor]  # per head [n_h] fp32
-
-    @classmethod
-    def empty(cls, num_heads: int, head_dim: int, like: torch.Tensor) -> "_Layer":
-        e = like.new_zeros(0, head_dim)
-        i = torch.zeros(0, dtype=torch.int64, device=like.device)
-        f = torch.zeros(0, dtype=torch.float32, device=like.device)
-        return cls([e] * num_heads, [e] * num_heads, [i] * num_heads, [i] * num_heads, [f] * num_heads)
-
-    def rows(self) -> int:
-        return sum(k.shape[0] for k in self.keys)
-
-    def take(self, h: int, rows: torch.Tensor) -> None:
-        rows = rows.to(self.keys[h].device)
-        self.keys[h], self.values[h] = self.keys[h][rows], self.values[h][rows]
-        self.pos[h], self.orig[h], self.seen[h] = self.pos[h][rows], self.orig[h][rows], self.seen[h][rows]
-
-
-class _StepAttention:
-    """Backend for one layer of one step: the step's tokens, then probes, over the cache.
-
-    Every KV head attends to its own kept rows + the step's rows (no padding: heads keep
-    different numbers of rows); observation queries (the last `window` step tokens, then
-    the probes) record their attention over [cache rows][step rows] per head.
-    """
-
-    def __init__(self, layer: _Layer, window: int, reduce: str):
-        self.layer = layer
-        self.window = window
-        self.reduce = reduce
-        self.probe = False
-        self.new_keys: torch.Tensor | None = None  # [Hkv, n, D] the step's rows
-        self.new_values: torch.Tensor | None = None
-        self.observed: list[torch.Tensor | None] = [None] * len(layer.keys)
-
-    def attend(self, layer_idx, query, key, value, scale):
-        num_q, num_kv, n = query.shape[1], key.shape[1], query.shape[2]
-        group = num_q // num_kv
-        if not self.probe:
-            self.new_keys, self.new_values = key[0], value[0]
-        out = torch.empty_like(query)
-        for h in range(num_kv):
-            parts_k = [self.layer.keys[h], self.new_keys[h]] + ([key[0, h]] if self.probe else [])
-            parts_v = [self.layer.values[h], self.new_values[h]] + ([value[0, h]] if self.probe else [])
-            k, v = torch.cat(parts_k), torch.cat(parts_v)  # [S, D]
-            q = query[0, h * group : (h + 1) * group]  # [G, n, D]
-            out[0, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
-                q.unsqueeze(0), k[None, None], v[None, None], attn_mask=causal_lower_right(n, k.shape[0]), scale=scale, enable_gqa=True
-            )[0]
-            seen_rows = self.layer.keys[h].shape[0] + self.new_keys.shape[1]
-            if self.probe:
-                seen = window_attention(q, k.unsqueeze(0), scale, k.shape[0] - n, self.reduce)[0, :seen_rows]
-            elif self.window:
-                w = min(self.window, n)
-                seen = window_attention(q[:, n - w :], k.unsqueeze(0), scale, k.shape[0] - w, self.reduce)[0]
-            else:
-                continue
-            prior = self.observed[h]
-            if prior is None:
-                self.observed[h] = seen
-            elif self.reduce == "max":
-                self.observed[h] = torch.maximum(prior, seen)
-            else:
-                self.observed[h] = prior + seen
-        return out
-
-
 # ---- the reader ------------------------------------------------------------------------
 
 
@@ -281,168 +194,59 @@ def read_progressive(
     if press.scorer is None:
         raise KvcliError("progressive reading needs a compression method (not 'full')")
     the_plan = plan(layout, press, context=context, chunk_size=chunk_size, answer_tokens=answer_tokens)
-    num_layers, num_kv, head_dim = attention.cache_shape(model)
-    device = next(model.parameters()).device
-    embed, _, norm, rotary, _ = attention.parts(model)
-    scorer, policy = press.scorer, press.policy
+    rotary = attention.parts(model)[3]
+    scorer = press.scorer
     aware = bool(layout.question_ids)
-    reduce = scorer.reduce
-    cross_layer = isinstance(policy, CrossLayerPolicy)
-
     prefix_ids, doc_ids, question_ids = layout.prefix_ids, layout.document_ids, layout.question_ids
     p = len(prefix_ids)
     doc_stop = p + len(doc_ids)
     chunk = the_plan.chunk_size
     starts = list(range(0, len(doc_ids), chunk))
-    budget = the_plan.budget
-    cap = the_plan.cap
+    state = {"next_position": 0, "max_position": 0}
+    steps: list[dict] = []
+
+    def step_at(index: int, start: int) -> Step:
+        final = index == len(starts) - 1
+        chunk_doc = doc_ids[start : start + chunk]
+        step_layout = _step_layout(layout, chunk_doc, aware)
+        # The question rides along with every chunk as its observation window (question-aware
+        # at every step) for scorers that observe, and with the last chunk in any case.
+        tail = question_ids if aware and (final or scorer.observes) else []
+        chunk_ids = (prefix_ids if index == 0 else []) + chunk_doc
+        ids = chunk_ids + tail
+        probes = scorer.probes(step_layout, layout.tokenizer) if scorer.observes else []
+        first = state["next_position"]
+        state["max_position"] = max([state["max_position"], first + len(ids) - 1] + [first + len(ids) + len(x) - 1 for x in probes])
+        orig = torch.cat([torch.arange(0 if index == 0 else p + start, p + start + len(chunk_doc)), torch.arange(doc_stop, doc_stop + len(tail))])
+        return Step(
+            ids=ids, first_position=first, orig=orig, new_prefix=p if index == 0 else 0, chunk_tokens=len(chunk_ids),
+            window=min(scorer.window(step_layout), len(ids)) if scorer.observes else 0, probes=probes, keep_tail=final and aware,
+        )
+
+    def compact(rows: list[LayerRows], step: Step) -> None:
+        kept_tail = len(step.ids) - step.chunk_tokens if step.keep_tail else 0
+        state["next_position"] = _compact(rows, rotary, p, kept_tail)
+        steps.append({
+            "chunk": len(steps),
+            "document_tokens_read": min(len(doc_ids), (len(steps) + 1) * chunk),
+            "rows": sum(r.rows() for r in rows),
+            "next_position": state["next_position"],
+        })
 
     started = time.perf_counter()
-    like = embed(torch.tensor([[prefix_ids[0] if prefix_ids else doc_ids[0]]], device=device))
-    states = [_Layer.empty(num_kv, head_dim, like[0]) for _ in range(num_layers)]
-    next_pos = 0
-    max_position = 0
-    peak_rows = 0
-    compression_seconds = 0.0
-    steps: list[dict] = []
-    last_logits = None
-    total_work = len(starts) * num_layers
-
-    for step, start in enumerate(starts):
-        final = step == len(starts) - 1
-        chunk_doc = doc_ids[start : start + chunk]
-        new_prefix = p if step == 0 else 0
-        chunk_ids = (prefix_ids if step == 0 else []) + chunk_doc
-        step_layout = _step_layout(layout, chunk_doc, aware)
-        tail = question_ids if aware and (final or scorer.observes) else []
-        ids = chunk_ids + tail
-        n_chunk, n_new = len(chunk_ids), len(ids)
-        window = min(scorer.window(step_layout), n_new) if scorer.observes else 0
-        probe_ids = scorer.probes(step_layout, layout.tokenizer) if scorer.observes else []
-        positions = torch.arange(next_pos, next_pos + n_new, device=device).unsqueeze(0)
-        probe_positions = [torch.arange(next_pos + n_new, next_pos + n_new + len(x), device=device).unsqueeze(0) for x in probe_ids]
-        max_position = max([max_position, next_pos + n_new - 1] + [int(x[0, -1]) for x in probe_positions])
-        orig_new = torch.cat([
-            torch.arange(0 if step == 0 else p + start, p + start + len(chunk_doc)),
-            torch.arange(doc_stop, doc_stop + len(tail)),
-        ]).to(device)
-
-        hidden = embed(torch.tensor([ids], device=device))
-        probes = [embed(torch.tensor([x], device=device)) for x in probe_ids]
-        candidate_scores: list[list[torch.Tensor]] = []
-        for layer_idx in range(num_layers):
-            state = states[layer_idx]
-            backend = _StepAttention(state, window, reduce)
-            with attention.using(backend):
-                hidden = attention.run_layer(model, layer_idx, hidden, positions)
-                backend.probe = True
-                for i, probe in enumerate(probes):
-                    probes[i] = attention.run_layer(model, layer_idx, probe, probe_positions[i])
-            peak_rows = max(peak_rows, state.rows() + num_kv * (n_new + max((len(x) for x in probe_ids), default=0)))
-            _sync(device)
-            tick = time.perf_counter()
-            new_state, chosen_scores = _select(
-                state, backend, layer_idx, num_layers, scorer, policy, budget, cap,
-                p=p, new_prefix=new_prefix, n_chunk=n_chunk, n_new=n_new, keep_tail=final and aware,
-                positions=positions[0], orig_new=orig_new,
-            )
-            states[layer_idx] = new_state
-            candidate_scores.append(chosen_scores)
-            del backend
-            compression_seconds += time.perf_counter() - tick
-            if progress is not None:
-                progress(step * num_layers + layer_idx + 1, total_work)
-        tick = time.perf_counter()
-        if cross_layer:
-            survivors = policy.reallocate(candidate_scores, budget)
-            for state, heads in zip(states, survivors):
-                for h, kept in enumerate(heads):
-                    m = state.keys[h].shape[0] - p - (len(tail) if final and aware else 0)
-                    tail_rows = torch.arange(p + m, state.keys[h].shape[0])
-                    state.take(h, torch.cat([torch.arange(p), p + kept.cpu(), tail_rows]))
-        kept_tail = len(tail) if final and aware else 0
-        next_pos = _compact(states, rotary, p, kept_tail)
-        compression_seconds += time.perf_counter() - tick
-        steps.append({
-            "chunk": step,
-            "document_tokens_read": start + len(chunk_doc),
-            "rows": sum(s.rows() for s in states),
-            "next_position": next_pos,
-        })
-        if final:
-            last_logits = attention.logits(model, norm(hidden[:, -1:]))[0, -1]
-        del hidden, probes
-
-    _sync(device)
-    layers = [_to_layer_cache(s, headroom) for s in states]
-    cache = CompressedCache(layers=layers, next_position=torch.tensor([next_pos], device=device), original_length=len(layout.all_ids))
-    length = len(layout.all_ids)
-    prompt_other = length - len(doc_ids)
+    reading = read_steps(
+        model, (step_at(i, start) for i, start in enumerate(starts)), len(starts), press, the_plan.budget,
+        prefix=p, cap=the_plan.cap, between_steps=compact, progress=progress,
+    )
+    result = finish(model, reading, next_position=state["next_position"], original_length=len(layout.all_ids),
+                    document_tokens=len(doc_ids), compressed=True, started=started, headroom=headroom)
     return ProgressiveResult(
-        cache=cache,
-        last_logits=last_logits,
-        compression_seconds=compression_seconds,
-        prefill_seconds=time.perf_counter() - started,
-        full_bytes=num_layers * num_kv * length * head_dim * 2 * layers[0].keys.element_size(),
-        compressed=True,
-        layer_kept=[[int(n) - prompt_other for n in layer.lengths[0].tolist()] for layer in layers],
-        plan=the_plan,
-        compact_length=next_pos,
-        max_position=max_position,
-        peak_rows=peak_rows,
-        steps=steps,
+        **vars(result), plan=the_plan, compact_length=state["next_position"], max_position=state["max_position"],
+        peak_rows=reading.peak_rows, steps=steps,
     )
 
 
-def _select(state: _Layer, backend: _StepAttention, layer_idx, num_layers, scorer, policy, budget, cap, *,
-            p, new_prefix, n_chunk, n_new, keep_tail, positions, orig_new) -> tuple[_Layer, list[torch.Tensor]]:
-    """Score [cache document rows][chunk document rows] per head, keep the policy's choice.
-
-    Returns the layer's new state (rows still rotated at their current positions) and,
-    per head, the scores of the kept document rows (for cross-layer policies).
-    """
-    num_kv = len(state.keys)
-    device = state.keys[0].device
-    all_rows, cand_maps, cand_scores = [], [], []
-    for h in range(num_kv):
-        n_h = state.keys[h].shape[0]
-        total = n_h + n_new
-        observed = backend.observed[h]
-        seen = torch.cat([state.seen[h], torch.zeros(n_new, device=device)])
-        if observed is not None:
-            observed = observed.float()
-            seen = torch.maximum(seen, observed) if scorer.reduce == "max" else observed
-        cand = torch.cat([torch.arange(min(p, n_h), n_h), torch.arange(n_h + new_prefix, n_h + n_chunk)])  # rows of the document
-        obs = seen[cand.to(device)].float().cpu().unsqueeze(0) if observed is not None else None
-        scores = scorer.score(Observation(layer_idx, obs, len(cand), 1)).float().reshape(-1)
-        all_rows.append(total)
-        cand_maps.append(cand)
-        cand_scores.append(scores)
-        # the merged rows of this head: cache rows then the step's rows
-        state.keys[h] = torch.cat([state.keys[h], backend.new_keys[h]])
-        state.values[h] = torch.cat([state.values[h], backend.new_values[h]])
-        state.pos[h] = torch.cat([state.pos[h], positions])
-        state.orig[h] = torch.cat([state.orig[h], orig_new])
-        state.seen[h] = seen
-    width = max(len(s) for s in cand_scores)
-    padded = torch.full((num_kv, width), float("-inf"))
-    for h, s in enumerate(cand_scores):
-        padded[h, : len(s)] = s
-    chosen = policy.select(layer_idx, num_layers, padded, budget)
-    kept_scores = []
-    for h in range(num_kv):
-        c = chosen[h]
-        c = c[c < len(cand_scores[h])]
-        if len(c) > cap:  # positions: no head keeps more than `cap` document rows
-            c = torch.sort(c[cand_scores[h][c].topk(cap).indices]).values
-        c = torch.sort(c).values
-        kept_scores.append(cand_scores[h][c])
-        tail = torch.arange(all_rows[h] - (n_new - n_chunk), all_rows[h]) if keep_tail else torch.zeros(0, dtype=torch.int64)
-        state.take(h, torch.cat([torch.arange(p), cand_maps[h][c], tail]))
-    return state, kept_scores
-
-
-def _compact(states: list[_Layer], rotary, p: int, kept_tail: int) -> int:
+def _compact(states: list[LayerRows], rotary, p: int, kept_tail: int) -> int:
     """Re-index every kept row to compact positions (module doc); returns the next position."""
     most = max(k.shape[0] - p - kept_tail for s in states for k in s.keys)
     for s in states:
@@ -457,40 +261,3 @@ def _compact(states: list[_Layer], rotary, p: int, kept_tail: int) -> int:
                 s.keys[h] = rotate_keys(rotary, s.keys[h], delta)
             s.pos[h] = new_pos
     return p + most + kept_tail
-
-
-def _to_layer_cache(state: _Layer, headroom: int) -> LayerCache:
-    """The flat per-head layout of kvcli.cache; positions = original prompt positions."""
-    num_kv = len(state.keys)
-    device = state.keys[0].device
-    head_dim = state.keys[0].shape[-1]
-    counts = torch.tensor([k.shape[0] for k in state.keys], dtype=torch.int64)
-    offsets = torch.zeros(num_kv + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts + headroom, 0)
-    capacity = int(offsets[-1])
-    keys = state.keys[0].new_zeros(1, capacity, head_dim)
-    values = state.values[0].new_zeros(1, capacity, head_dim)
-    positions = torch.full((1, capacity), -1, dtype=torch.int32, device=device)
-    for h in range(num_kv):
-        o, n = int(offsets[h]), int(counts[h])
-        keys[0, o : o + n] = state.keys[h]
-        values[0, o : o + n] = state.values[h]
-        positions[0, o : o + n] = state.orig[h].to(torch.int32)
-    return LayerCache(keys, values, positions, offsets.to(device, torch.int32), counts.to(device, torch.int32).unsqueeze(0))
-
-
-def compact_positions(cache: CompressedCache, prefix_tokens: int, kept_tail: int = 0) -> list[list[torch.Tensor]]:
-    """Per layer and head, the compact position of every kept row (what its key is rotated at).
-
-    Recomputed from the row counts by the scheme of the module doc: no need to store it.
-    """
-    end = int(cache.next_position.reshape(-1)[0]) - kept_tail
-    out = []
-    for layer in cache.layers:
-        heads = []
-        for h in range(layer.num_kv_heads):
-            n = int(layer.lengths[0, h])
-            m = n - prefix_tokens - kept_tail
-            heads.append(torch.cat([torch.arange(prefix_tokens), torch.arange(end - m, end), torch.arange(end, end + kept_tail)]))
-        out.append(heads)
-    return out

@@ -15,7 +15,7 @@ import torch
 
 from kvcli.cache import CompressedCache
 from kvcli.compress.methods import DEFAULT_METHOD, Press, make_press
-from kvcli.compress.prefill import DEFAULT_CHUNK, PrefillResult, prefill
+from kvcli.compress.pipeline import DEFAULT_CHUNK, PrefillResult, prefill
 from kvcli.documents import Document
 from kvcli.errors import KvcliError
 from kvcli.prompts import PromptLayout

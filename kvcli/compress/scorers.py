@@ -1,8 +1,8 @@
 """Scorers: which document tokens matter, one score per (KV head, token) and layer.
 
-A scorer only says what it observes and how it turns that into scores; the prefill does
-the observing (attention of observation queries over the layer's keys) and a budget
-policy does the choosing. Observation queries come from two places:
+A scorer says what it needs to observe (kvcli.compress.observation) and how it turns that
+into scores [H, T], higher = keep; the reading pipeline does the observing and a budget
+policy does the choosing. Attention observers come from two places:
   - `window`: the last tokens of the prompt itself (SnapKV's observation window: the
     question when the question is known, the document's tail otherwise);
   - `probes`: extra token sequences that attend to the whole prompt and are then thrown
@@ -19,23 +19,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvcli.compress.observation import Observation
 from kvcli.prompts import PromptLayout
 
 
 @dataclass
-class Observation:
-    layer_idx: int
-    attention: torch.Tensor | None  # [Hkv, T_doc] reduced window/probe attention (None if not observed)
-    doc_length: int
-    num_kv_heads: int
-
-
-@dataclass
 class Scorer:
-    """Base: subclasses set `reduce` and override `score` (and `probes`/`window` if they observe)."""
+    """Base: subclasses set `needs` (and `reduce`) and override `score` (and `probes`/`window`)."""
 
-    observes = True
+    needs = frozenset({"attention"})
     reduce = "sum"
+
+    @property
+    def observes(self) -> bool:
+        """Whether observer queries (a window, probes) have to run for this scorer."""
+        return "attention" in self.needs or "queries" in self.needs
 
     def window(self, layout: PromptLayout) -> int:
         """How many trailing prompt tokens observe the document."""
@@ -120,10 +118,10 @@ class Streaming(Scorer):
     """StreamingLLM (Xiao et al. 2023): attention sinks + the most recent tokens."""
 
     sinks: int = 4
-    observes = False
+    needs = frozenset()
 
     def score(self, obs: Observation) -> torch.Tensor:
-        recency = torch.arange(obs.doc_length, dtype=torch.float32) / max(obs.doc_length, 1)
+        recency = torch.arange(obs.length, dtype=torch.float32) / max(obs.length, 1)
         recency[: self.sinks] = 2.0
         return recency.expand(obs.num_kv_heads, -1)
 
@@ -133,8 +131,8 @@ class RandomScorer(Scorer):
     """Uniformly random scores: the floor every real method has to beat."""
 
     seed: int = 0
-    observes = False
+    needs = frozenset()
 
     def score(self, obs: Observation) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1000 + obs.layer_idx)
-        return torch.rand(obs.num_kv_heads, obs.doc_length, generator=generator)
+        return torch.rand(obs.num_kv_heads, obs.length, generator=generator)

@@ -22,11 +22,12 @@ from rich.table import Table
 
 from kvcli.store.kvcfile import atomic_write
 from kvcli.compress.methods import METHODS
-from kvcli.eval.sweep import KEY
 
 GROUP = ("method", "ratio", "mode")
 RATIO_ONE = "ratio 1 keeps the whole document: it is the full cache, the first row"
 MEASURES = ("score", "agrees", "top1", "kl", "attention_error_mean", "kept_fraction")
+# What identifies one run of a sweep (kvcli.eval.sweep writes rows with these fields).
+KEY = ("task", "length", "method", "ratio", "mode", "seed", "sample")
 CSV_FIELDS = [*KEY, "model", *MEASURES, "compressed", "document_tokens", "max_new_tokens", "seconds",
               "answer", "reference_answer", "expected", "fingerprint", "dtype"]
 

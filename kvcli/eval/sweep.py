@@ -32,10 +32,10 @@ from kvcli.errors import KvcliError
 from kvcli.compress.methods import METHODS, make_press
 from kvcli.models import LoadedModel
 from kvcli.prompts import PromptLayout
+from kvcli.eval.report import KEY, write_reports
 from kvcli.eval.tasks import TASKS
 
 MODES = ("aware", "agnostic")
-KEY = ("task", "length", "method", "ratio", "mode", "seed", "sample")
 REFERENCE = ("full", 1.0, "-")  # (method, ratio, mode) of the full-cache row
 RESULTS_FILE = "results.jsonl"
 
@@ -258,8 +258,6 @@ def evaluate(model: LoadedModel, sweep: Sweep, directory: str | os.PathLike, *, 
     """Run `sweep` into `directory`, resuming what is there, and write the reports (also
     when interrupted). Returns the summary of every row in the folder (kvcli.eval.report),
     with `runs_made` by this call and the report `files`."""
-    from kvcli.eval.report import write_reports  # it reads this module's row layout: import here, not at the top
-
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise KvcliError(f"--out {directory} exists and is not a folder")

@@ -38,7 +38,7 @@ from typing import Callable
 
 from kvcli.errors import KvcliError
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 # RULER's noise haystack, one unit.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
