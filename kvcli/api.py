@@ -18,7 +18,7 @@ import torch
 
 from kvcli import generate
 from kvcli.compress.methods import Press, make_press
-from kvcli.compress.prefill import DEFAULT_CHUNK
+from kvcli.compress.pipeline import DEFAULT_CHUNK
 from kvcli.compress.reading import Compressed, Progress, check_fits, context_limit, progressive_notice, read
 from kvcli.documents import Document
 from kvcli.errors import KvcliError

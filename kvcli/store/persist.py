@@ -22,7 +22,7 @@ from kvcli.documents import Document
 from kvcli.errors import KvcliError
 from kvcli.compress.methods import Press, make_press
 from kvcli.models import LoadedModel, cache_dir
-from kvcli.compress.prefill import DEFAULT_CHUNK
+from kvcli.compress.pipeline import DEFAULT_CHUNK
 from kvcli.prompts import ChatTemplate, PromptLayout
 
 
