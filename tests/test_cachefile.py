@@ -662,7 +662,7 @@ def test_answers_from_the_file_equal_answers_from_memory(tmp_path, dtype, char_t
     """A KVzip cache saved and loaded decodes exactly the tokens the in-memory cache decodes."""
     from kvcli.generate import decode, forward
     from kvcli.compress.methods import make_press
-    from kvcli.compress.prefill import prefill
+    from kvcli.compress.pipeline import prefill
     from kvcli.prompts import PromptLayout
     from tests.conftest import tiny_llama
 
@@ -686,7 +686,7 @@ def test_quantized_files_answer_with_a_bounded_logit_error(tmp_path, kv_dtype, b
     """int8/int4 are lossy: the next-token logits after the question move by a bounded relative error."""
     from kvcli.generate import forward
     from kvcli.compress.methods import make_press
-    from kvcli.compress.prefill import prefill
+    from kvcli.compress.pipeline import prefill
     from kvcli.prompts import PromptLayout
     from tests.conftest import tiny_llama
 
