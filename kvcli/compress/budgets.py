@@ -9,6 +9,9 @@ length). Two independent choices make a policy:
   head allocation  uniform: every head keeps the layer budget (its own top-k)
                    ada:     Ada-KV (Feng et al. 2024), one top-k over all heads of the
                             layer, after a safeguard floor of alpha x budget per head
+                            (what kvpress and most re-implementations do)
+                   ada-shares: Ada-KV as its authors' code allocates: each head's share
+                            of a full-budget top-k, shrunk by (1 - alpha), plus the floor
 
 and two cross-layer policies that revisit layers already compressed, since the prefill
 compresses one layer at a time:
@@ -74,6 +77,23 @@ def select_ada(scores: torch.Tensor, count: int, alpha: float) -> list[torch.Ten
     return [torch.nonzero(row).flatten() for row in chosen]
 
 
+def select_ada_shares(scores: torch.Tensor, count: int, alpha: float) -> list[torch.Tensor]:
+    """Ada-KV as its authors' code allocates (FFY0/AdaKV, AdaptiveSnapKVCluster).
+
+    Each head's share c_h is how many of the layer's top Hkv*count scores are its own (one
+    top-k at the full budget, no floor); the head then keeps its own top
+    round(c_h * (1 - alpha) + floor(alpha * count)): every head's share shrinks in
+    proportion, and the freed budget becomes the same floor for all.
+    """
+    num_heads, length = scores.shape
+    count = min(count, length)
+    winners = scores.flatten().topk(num_heads * count).indices // length
+    shares = torch.bincount(winners, minlength=num_heads).to(torch.float64)
+    keep = torch.round(shares * (1 - alpha) + int(alpha * count)).long().clamp(max=length)
+    order = scores.argsort(dim=-1, descending=True)
+    return [torch.sort(order[h, : int(keep[h])]).values for h in range(num_heads)]
+
+
 @dataclass
 class Policy:
     """A layer schedule x a head allocation (see the module docstring)."""
@@ -86,7 +106,7 @@ class Policy:
     def __post_init__(self):
         if self.schedule not in ("uniform", "pyramid"):
             raise ValueError(f"unknown layer schedule {self.schedule!r}")
-        if self.heads not in ("uniform", "ada"):
+        if self.heads not in ("uniform", "ada", "ada-shares"):
             raise ValueError(f"unknown head allocation {self.heads!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError("alpha must be within [0, 1]")
@@ -95,6 +115,8 @@ class Policy:
         count = layer_budgets(self.schedule, budget, num_layers, scores.shape[-1])[layer_idx]
         if self.heads == "ada":
             return select_ada(scores, count, self.alpha)
+        if self.heads == "ada-shares":
+            return select_ada_shares(scores, count, self.alpha)
         return select_uniform(scores, count)
 
 

@@ -35,6 +35,22 @@ REGISTRY: dict[str, Method] = {
         "kvcli.compress.scorers:KVzip", {"mode": "global", "max_factor": 3.0},
         "KVzip: attention while reconstructing the document", "one threshold over all layers and heads",
     ),
+    "ada-shares": Method(
+        "kvcli.compress.scorers:SnapKV", {"heads": "ada-shares"}, "SnapKV",
+        "Ada-KV as its authors allocate: each head's share of one top-k, x (1 - `--alpha`), + the floor",
+    ),
+    "criticalkv": Method(
+        "kvcli.compress.critical:CriticalKV", {"heads": "ada"}, "CriticalKV: SnapKV x ||W_o v||_1, half the budget by attention first",
+        "Ada-KV heads",
+    ),
+    "defensivekv": Method(
+        "kvcli.compress.critical:DefensiveKV", {"heads": "ada", "alpha": 0.0},
+        "DefensiveKV: max over window and group, floored at its mean, x ||W_o v||_1", "one top-k over the heads of a layer",
+    ),
+    "layer-defensivekv": Method(
+        "kvcli.compress.critical:DefensiveKV", {"mode": "global", "max_factor": 3.0}, "DefensiveKV",
+        "one top-k over all layers and heads",
+    ),
     "knorm": Method("kvcli.compress.knorm:Knorm", {}, "minus the key norm (no observation)", "same count for every head"),
     "streaming": Method("kvcli.compress.scorers:Streaming", {}, "sinks + recent tokens", "uniform"),
     "random": Method("kvcli.compress.scorers:RandomScorer", {}, "random", "uniform (the floor to beat)"),
@@ -89,8 +105,8 @@ def make_press(method: str, *, ratio: float | None = None, budget: int | None = 
         raise KvcliError(f"--budget must be at least 1 token per head, got {budget}")
     scorer, policy = _build(REGISTRY[method])
     if alpha is not None:
-        if getattr(policy, "heads", None) != "ada":
-            ada = ", ".join(name for name, m in REGISTRY.items() if m.policy.get("heads") == "ada")
+        if not str(getattr(policy, "heads", "")).startswith("ada"):
+            ada = ", ".join(name for name, m in REGISTRY.items() if str(m.policy.get("heads", "")).startswith("ada"))
             raise KvcliError(f"--alpha applies to the Ada-KV methods ({ada})")
         if not 0.0 <= alpha <= 1.0:
             raise KvcliError(f"--alpha must be in [0, 1], got {alpha}")

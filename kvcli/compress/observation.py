@@ -9,12 +9,15 @@ this observation, G the query heads per KV head, T the candidates, W the window,
                               then any probe sequences) paid to each candidate, reduced over
                               observer queries and the G query heads by `scorer.reduce`
                               ("sum": sum over queries, mean over the group; "max": max of both)
+    attention_rows [H, G, W, T] the window's attention probabilities, unreduced: per query head
+                              and window query (softmax over every row the query sees)
     keys        [H, T, D]     the candidates' keys, rotated as stored
     values      [H, T, D]
     queries     [H*G, W, D]   the window's queries (rotated), e.g. for query statistics
     o_proj      [H*G, E, D]   the layer's output projection, per query head (E: hidden size):
                               o_proj[j] @ v is what query head j adds to the residual for value v
     positions   [T]           original prompt positions of the candidates
+Every observation also carries `budget`, the mean number of rows per head that will be kept.
 
 During progressive reading heads keep different rows, so the pipeline observes one KV head
 at a time (H = 1, with its G query heads); whole-prompt reading observes all heads at once.
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-NEEDS = frozenset({"attention", "keys", "values", "queries", "o_proj", "positions"})
+NEEDS = frozenset({"attention", "attention_rows", "keys", "values", "queries", "o_proj", "positions"})
 
 
 @dataclass
@@ -37,7 +40,9 @@ class Observation:
     num_kv_heads: int  # H: KV heads in this observation (1 when heads are observed one at a time)
     group: int  # G: query heads per KV head
     length: int  # T: candidate rows
+    budget: float  # mean candidate rows per head the budget policy will keep (always given)
     attention: torch.Tensor | None = None
+    attention_rows: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     queries: torch.Tensor | None = None

@@ -36,7 +36,8 @@ from kvcli import attention
 from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.compress.methods import Press
 from kvcli.compress.observation import Observation
-from kvcli.compress.window import window_attention
+from kvcli.compress.scorers import Probe
+from kvcli.compress.window import window_attention, window_probabilities
 from kvcli.prompts import PromptLayout
 
 # 2048 tokens per chunk: the MLP activations of a chunk stay small next to one layer's
@@ -101,10 +102,13 @@ class _StepAttention:
     one [Hkv, n] tensor in the dense first step, else one [n_h + n] tensor per head.
     """
 
-    def __init__(self, rows: LayerRows, length: int, like: torch.Tensor, window: int, reduce: str, group: int):
+    def __init__(self, rows: LayerRows, length: int, like: torch.Tensor, window: int, reduce: str, group: int, sinks: int, scale: float):
         num_heads, head_dim = len(rows.keys), rows.keys[0].shape[-1]
         self.rows = rows
         self.group = group  # query heads per KV head
+        self.sinks = sinks  # the prefix: the first rows of every head, in every softmax a probe with a span scores
+        self.span: tuple[int, int] | None = None  # step rows the running probe scores (None: all)
+        self.scale = scale  # softmax scale of the observers' attention
         self.dense = rows.rows() == 0
         self.keys = like.new_empty(1, num_heads, length, head_dim)  # [1, Hkv, n, D] this step's rows
         self.values = like.new_empty(1, num_heads, length, head_dim)
@@ -128,9 +132,24 @@ class _StepAttention:
             return self._attend_heads(query, self.keys[0, :, :stop], self.values[0, :, :stop], scale)
         if self.dense:
             keys = torch.cat([self.keys, key], dim=2)
-            self._record(window_attention(query[0], keys[0], scale, self.length, self.reduce)[:, : self.length])
+            self._record(self._probe_attention(query[0], self.keys[0], keys[0], key.shape[2], scale))
             return _causal(query, keys, torch.cat([self.values, value], dim=2), scale)
         return self._attend_heads(query, torch.cat([self.keys[0], key[0]], dim=1), torch.cat([self.values[0], value[0]], dim=1), scale, probe=True)
+
+    def _probe_attention(self, queries, visible, with_probe, probe_length, scale):
+        """A probe's reduced attention over `visible` rows [H, S, D] (probe keys appended in
+        `with_probe`) -> [H, S]. With a span, the softmax runs over [sinks][span][probe] only
+        and every other row gets 0 (KVzip: a chunk's reconstruction scores its own chunk)."""
+        rows = visible.shape[1]
+        if self.span is None:
+            return window_attention(queries, with_probe, scale, rows, self.reduce)[:, :rows]
+        shift = rows - self.length  # rows kept by earlier steps come before the step's rows
+        start, stop = self.span[0] + shift, self.span[1] + shift
+        sub = torch.cat([visible[:, : self.sinks], visible[:, start:stop], with_probe[:, rows:]], dim=1)
+        scored = window_attention(queries, sub, scale, sub.shape[1] - probe_length, self.reduce)
+        out = torch.zeros(visible.shape[0], rows, dtype=scored.dtype, device=scored.device)
+        out[:, start:stop] = scored[:, self.sinks : self.sinks + stop - start]
+        return out
 
     def attend_prompt(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Queries of the whole step [1, Hq, n, D], whose keys/values the caller already
@@ -159,11 +178,12 @@ class _StepAttention:
             )[0]
             if probe:
                 seen_rows = self.rows.keys[h].shape[0] + self.length
-                self._record(window_attention(q, k.unsqueeze(0), scale, k.shape[0] - n, self.reduce)[0, :seen_rows], h)
+                self._record(self._probe_attention(q, k[:seen_rows].unsqueeze(0), k.unsqueeze(0), n, scale)[0], h)
         return out
 
-    def observe_window(self, scale: float) -> None:
+    def observe_window(self) -> None:
         """The window's attention over every row it can see (after the layer has run)."""
+        scale = self.scale
         if not self.window_queries:
             return
         queries = torch.cat(self.window_queries, dim=1)  # [Hq, W, D]
@@ -215,7 +235,7 @@ class Step:
     new_prefix: int  # prefix tokens at the start of ids (always kept)
     chunk_tokens: int  # prefix + document tokens of ids (the tail comes after)
     window: int  # trailing tokens of ids that observe (SnapKV's window)
-    probes: list[list[int]]  # observer sequences run after ids and discarded
+    probes: list[Probe]  # observer sequences run after ids and discarded
     keep_tail: bool  # whether the tail's rows stay in the cache (the question, in the last step)
 
 
@@ -230,14 +250,14 @@ class Reading:
 
 
 def _observe(scorer, backend: _StepAttention, step: Step, layer, head: int | None, cand: torch.Tensor, seen: torch.Tensor | None,
-             layer_idx: int, num_layers: int) -> Observation:
+             layer_idx: int, num_layers: int, budget: float) -> Observation:
     """The Observation of candidate rows `cand` of one head (or of all heads when head is None).
 
     Candidates index the merged rows [earlier kept rows][step rows] of that head (the
     same indices for every head in the dense first step). Only `scorer.needs` is computed.
     """
     needs, rows, group = scorer.needs, backend.rows, backend.group
-    obs = Observation(layer_idx, num_layers, len(rows.keys) if head is None else 1, group, len(cand))
+    obs = Observation(layer_idx, num_layers, len(rows.keys) if head is None else 1, group, len(cand), budget)
     device = backend.keys.device
     cand = cand.to(device)
 
@@ -255,6 +275,11 @@ def _observe(scorer, backend: _StepAttention, step: Step, layer, head: int | Non
         obs.keys = merged(rows.keys, backend.keys[0])
     if "values" in needs:
         obs.values = merged(rows.values, backend.values[0])
+    if "attention_rows" in needs and backend.window_queries:
+        queries = own_query_heads(torch.cat(backend.window_queries, dim=1))  # [H*G, W, D]
+        keys = backend.keys[0] if head is None else torch.cat([rows.keys[head], backend.keys[0, head]]).unsqueeze(0)
+        probs = window_probabilities(queries, keys, backend.scale, keys.shape[1] - queries.shape[1])[:, :, cand]
+        obs.attention_rows = probs.view(obs.num_kv_heads, group, *probs.shape[1:])
     if "queries" in needs and backend.window_queries:
         obs.queries = own_query_heads(torch.cat(backend.window_queries, dim=1))
     if "o_proj" in needs:
@@ -280,7 +305,7 @@ def _keep(backend: _StepAttention, step: Step, scorer, policy, budget: float, ca
         seen = backend.observed[:, step.new_prefix : step.chunk_tokens].float() if backend.observed is not None else None
         # Scores stay on the device: sorting 8 heads x 128K tokens per layer on the CPU
         # costs more than the layer's attention.
-        scores = scorer.score(_observe(scorer, backend, step, layer, None, cand, seen, layer_idx, num_layers)).float().to(device)
+        scores = scorer.score(_observe(scorer, backend, step, layer, None, cand, seen, layer_idx, num_layers, budget)).float().to(device)
         chosen = policy.select(layer_idx, num_layers, scores, budget)
         cand_rows, cand_scores = [cand] * num_kv, [scores[h] for h in range(num_kv)]
         new_seen = [backend.observed[h].float() if backend.observed is not None else torch.zeros(n_new, device=device) for h in range(num_kv)]
@@ -295,7 +320,7 @@ def _keep(backend: _StepAttention, step: Step, scorer, policy, budget: float, ca
                 seen = torch.maximum(seen, observed) if scorer.reduce == "max" else observed
             cand = torch.cat([torch.arange(min(prefix, n_h), n_h), torch.arange(n_h + step.new_prefix, n_h + step.chunk_tokens)])
             obs_seen = seen[cand.to(device)].float().cpu().unsqueeze(0) if observed is not None else None
-            cand_scores.append(scorer.score(_observe(scorer, backend, step, layer, h, cand, obs_seen, layer_idx, num_layers)).float().reshape(-1))
+            cand_scores.append(scorer.score(_observe(scorer, backend, step, layer, h, cand, obs_seen, layer_idx, num_layers, budget)).float().reshape(-1))
             cand_rows.append(cand)
             new_seen.append(seen)
         width = max(len(s) for s in cand_scores)
@@ -371,12 +396,12 @@ def read_steps(model, steps: Iterable[Step], total_steps: int, press: Press, bud
         n = len(step.ids)
         positions = torch.arange(step.first_position, step.first_position + n, device=device).unsqueeze(0)
         hidden = embed(torch.tensor([step.ids], device=device))  # [1, n, E]
-        probes = [embed(torch.tensor([p], device=device)) for p in step.probes]  # [1, P, E] each
-        probe_positions = [torch.arange(step.first_position + n, step.first_position + n + len(p), device=device).unsqueeze(0) for p in step.probes]
+        probes = [embed(torch.tensor([p.ids], device=device)) for p in step.probes]  # [1, P, E] each
+        probe_positions = [torch.arange(step.first_position + n, step.first_position + n + len(p.ids), device=device).unsqueeze(0) for p in step.probes]
         candidate_scores: list[list[torch.Tensor]] = []
         for layer_idx in range(num_layers):
             rows = reading.rows[layer_idx]
-            backend = _StepAttention(rows, n, hidden, step.window if scorer is not None else 0, reduce, group)
+            backend = _StepAttention(rows, n, hidden, step.window if scorer is not None else 0, reduce, group, prefix, scale)
             with attention.using(backend):
                 if backend.dense and whole_attention:
                     attention.run_layer_split(model, layer_idx, hidden, positions, chunk_size, backend)
@@ -391,8 +416,10 @@ def read_steps(model, steps: Iterable[Step], total_steps: int, press: Press, bud
                 if scorer is not None:
                     backend.probe = True
                     for i, probe in enumerate(probes):
+                        span = step.probes[i].span
+                        backend.span = None if span is None else (step.new_prefix + span[0], step.new_prefix + span[1])
                         probes[i] = attention.run_layer(model, layer_idx, probe, probe_positions[i])
-            reading.peak_rows = max(reading.peak_rows, rows.rows() + num_kv * (n + max((len(p) for p in step.probes), default=0)))
+            reading.peak_rows = max(reading.peak_rows, rows.rows() + num_kv * (n + max((len(p.ids) for p in step.probes), default=0)))
             _sync(device)
             tick = time.perf_counter()
             if scorer is None:
@@ -402,7 +429,7 @@ def read_steps(model, steps: Iterable[Step], total_steps: int, press: Press, bud
                     rows.orig[h] = step.orig.to(device)
                     rows.seen[h] = torch.zeros(n, device=device)
             else:
-                backend.observe_window(scale)
+                backend.observe_window()
                 kept = _keep(backend, step, scorer, policy, budget, cap, layers[layer_idx], layer_idx, num_layers, prefix)
                 if cross_layer:
                     candidate_scores.append(kept)

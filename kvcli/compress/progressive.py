@@ -121,8 +121,9 @@ def _probe_length(press: Press, layout: PromptLayout, chunk: int, aware: bool) -
     scorer = press.scorer
     if scorer is None or not scorer.observes:
         return 0
-    probes = scorer.probes(_step_layout(layout, [0] * chunk, aware), layout.tokenizer)
-    return max((len(p) for p in probes), default=0)
+    # with preceding tokens: a continuation probe (KVzip's "... starting with") is the longest
+    probes = scorer.probes(_step_layout(layout, [0] * chunk, aware), layout.tokenizer, [0] * chunk)
+    return max((len(p.ids) for p in probes), default=0)
 
 
 def plan(layout: PromptLayout, press: Press, *, context: int, chunk_size: int, answer_tokens: int) -> ProgressivePlan:
@@ -214,9 +215,9 @@ def read_progressive(
         tail = question_ids if aware and (final or scorer.observes) else []
         chunk_ids = (prefix_ids if index == 0 else []) + chunk_doc
         ids = chunk_ids + tail
-        probes = scorer.probes(step_layout, layout.tokenizer) if scorer.observes else []
+        probes = scorer.probes(step_layout, layout.tokenizer, doc_ids[:start]) if scorer.observes else []
         first = state["next_position"]
-        state["max_position"] = max([state["max_position"], first + len(ids) - 1] + [first + len(ids) + len(x) - 1 for x in probes])
+        state["max_position"] = max([state["max_position"], first + len(ids) - 1] + [first + len(ids) + len(x.ids) - 1 for x in probes])
         orig = torch.cat([torch.arange(0 if index == 0 else p + start, p + start + len(chunk_doc)), torch.arange(doc_stop, doc_stop + len(tail))])
         return Step(
             ids=ids, first_position=first, orig=orig, new_prefix=p if index == 0 else 0, chunk_tokens=len(chunk_ids),

@@ -20,7 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from kvcli.compress.observation import Observation
-from kvcli.prompts import PromptLayout
+from kvcli.prompts import PromptLayout, encode
+
+
+@dataclass
+class Probe:
+    """An observer sequence run after the prompt, through every layer, then thrown away.
+
+    span: the document tokens [start, stop) it scores; its softmax then runs over the
+    prefix (the attention sinks), that span and the probe itself, as KVzip's reference
+    scores a chunk's reconstruction. None: it scores every prompt token, softmax over all.
+    """
+
+    ids: list[int]
+    span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -33,14 +46,17 @@ class Scorer:
     @property
     def observes(self) -> bool:
         """Whether observer queries (a window, probes) have to run for this scorer."""
-        return "attention" in self.needs or "queries" in self.needs
+        return bool({"attention", "attention_rows", "queries"} & set(self.needs))
 
     def window(self, layout: PromptLayout) -> int:
         """How many trailing prompt tokens observe the document."""
         return 0
 
-    def probes(self, layout: PromptLayout, tokenizer) -> list[list[int]]:
-        """Extra observing sequences, placed after the prompt and discarded after scoring."""
+    def probes(self, layout: PromptLayout, tokenizer, preceding: list[int] = ()) -> list[Probe]:
+        """Extra observing sequences, placed after the prompt and discarded after scoring.
+
+        preceding: the document tokens before `layout.document_ids` (progressive reading
+        gives each chunk's layout only that chunk)."""
         return []
 
     def score(self, obs: Observation) -> torch.Tensor:  # [Hkv, T_doc]
@@ -74,10 +90,10 @@ class SnapKV(Scorer):
             return max(len(layout.question_ids), self.window_size) if layout.document_ids else len(layout.question_ids)
         return min(self.window_size, len(layout.document_ids))
 
-    def probes(self, layout: PromptLayout, tokenizer) -> list[list[int]]:
+    def probes(self, layout: PromptLayout, tokenizer, preceding: list[int] = ()) -> list[Probe]:
         if layout.question_ids:
             return []  # question-aware: the question itself is the window
-        return [layout.question_part(GENERIC_PROBE)]
+        return [Probe(layout.question_part(GENERIC_PROBE))]
 
     def score(self, obs: Observation) -> torch.Tensor:
         scores = obs.attention  # [Hkv, T]
@@ -90,24 +106,40 @@ class SnapKV(Scorer):
 class KVzip(Scorer):
     """KVzip (Kim et al. 2025): attention received while the model reconstructs the context.
 
-    The document is fed back after "repeat the previous context", chunk by chunk, teacher
-    forced; each chunk attends to the whole prompt plus itself and is not kept. A token's
-    score is the max over all reconstructing queries and the query heads of its group.
-    No question is involved, so one compressed cache serves every later question.
-    chunk_size=2048: KVzip's default; bounds the probe's own attention cost.
+    As the reference (snu-mllab/KVzip) does it: the document is fed back in chunks of
+    `chunk_size`, teacher forced, after "Repeat the previous context exactly." for the first
+    chunk and "Repeat the part of the previous context exactly, starting with " + the
+    previous chunk's last `continuation` tokens for the others. Each probe runs through the
+    model over the whole prompt (hidden states as in a real reconstruction), but scores only
+    its own chunk: the softmax of its queries runs over [the prefix (attention sinks), the
+    chunk, the probe itself], and a token's score is the max over its chunk's probe queries
+    and the query heads of its group. No question is involved, so one compressed cache
+    serves every later question. chunk_size=2000 and continuation=8: the reference's defaults.
     """
 
-    chunk_size: int = 2048
+    chunk_size: int = 2000
+    continuation: int = 8
     reduce = "max"
 
     def __post_init__(self):
-        if self.chunk_size < 16:
-            raise ValueError("chunk_size must be at least 16")
+        if self.chunk_size < 16 or self.continuation < 0:
+            raise ValueError("chunk_size must be at least 16 and continuation >= 0")
 
-    def probes(self, layout: PromptLayout, tokenizer) -> list[list[int]]:
-        prompt = layout.question_part("Repeat the previous context exactly.")
+    def probes(self, layout: PromptLayout, tokenizer, preceding: list[int] = ()) -> list[Probe]:
         doc = layout.document_ids
-        return [prompt + doc[i : i + self.chunk_size] for i in range(0, len(doc), self.chunk_size)]
+        out = []
+        for start in range(0, len(doc), self.chunk_size):
+            before = list(preceding) + doc[:start] if start else list(preceding)
+            before = before[len(before) - self.continuation :] if self.continuation else []
+            if before:
+                template = layout.template
+                ask = encode(tokenizer, template.middle + "Repeat the part of the previous context exactly, starting with ")
+                ask += before + encode(tokenizer, template.suffix)
+            else:
+                ask = layout.question_part("Repeat the previous context exactly.")
+            stop = min(start + self.chunk_size, len(doc))
+            out.append(Probe(ask + doc[start:stop], span=(start, stop)))
+        return out
 
     def score(self, obs: Observation) -> torch.Tensor:
         return obs.attention

@@ -45,3 +45,17 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, ca
 
         return window_scores.window_scores(queries, keys, scale, causal_offset, reduce)
     return window_attention_torch(queries, keys, scale, causal_offset, reduce)
+
+
+def window_probabilities(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int) -> torch.Tensor:
+    """queries [Hq, W, D], keys [Hkv, T, D] -> softmax attention [Hq, W, T] fp32, unreduced.
+
+    What scorers that aggregate per query row (DefensiveKV) observe. W is a window (tens of
+    tokens), so the [Hq, W, T] result is the size of a few rows of keys.
+    """
+    num_q_heads, window, _ = queries.shape
+    group = num_q_heads // keys.shape[0]
+    logits = torch.matmul(queries.float(), keys.float().repeat_interleave(group, dim=0).transpose(1, 2)) * scale
+    columns = torch.arange(keys.shape[1], device=keys.device)
+    limit = causal_offset + torch.arange(window, device=keys.device)
+    return logits.masked_fill(columns.unsqueeze(0) > limit.unsqueeze(1), float("-inf")).softmax(dim=-1)
