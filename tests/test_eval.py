@@ -280,3 +280,22 @@ def test_eval_command_prints_tables_or_json(tiny, tmp_path, monkeypatch):
     summary = json.loads(result.stdout)
     assert summary["runs_made"] == 0 and summary["runs"] == 3
     assert {e["mode"] for e in summary["overall"]} == {"-", "agnostic"}
+
+
+def test_bootstrap_intervals_and_the_share_of_the_full_cache():
+    from kvcli.eval.report import aggregate, bootstrap
+
+    assert bootstrap([(0.5, 1.0)] * 10) == (0.5, 0.5)
+    coin = [(float(i % 2), 1.0) for i in range(40)]
+    lo, hi = bootstrap(coin)
+    assert lo < 0.5 < hi and hi - lo < 0.4
+    wide = bootstrap(coin[:8])
+    assert wide[1] - wide[0] > hi - lo  # fewer samples, wider interval
+    rows = []
+    for i in range(20):
+        key = {"task": "t", "length": 1024, "seed": 0, "sample": i, "ratio": 0.1, "mode": "aware"}
+        rows.append({**key, "method": "full", "ratio": 1.0, "score": 1.0 if i < 10 else 0.0})
+        rows.append({**key, "method": "snapkv", "score": 1.0 if i < 5 else 0.0})
+    entry = next(e for e in aggregate(rows) if e["method"] == "snapkv")
+    assert entry["of_full"] == 0.5 and entry["score"] == 0.25
+    assert entry["of_full_ci"][0] < 0.5 < entry["of_full_ci"][1]

@@ -75,8 +75,11 @@ class Sweep:
             raise KvcliError("nothing to run: give at least one task, length, method, ratio and mode")
 
     def groups(self) -> list[tuple[str, int, int]]:
-        """(task, length, sample index): one generated sample and its reference each."""
-        return [(task, length, i) for task in self.tasks for length in self.lengths for i in range(self.samples)]
+        """(task, length, sample index): one generated sample and its reference each.
+
+        Sample-major, so a sweep stopped at any point has covered every task and length
+        about equally (and a resumed one fills them in evenly)."""
+        return [(task, length, i) for i in range(self.samples) for length in self.lengths for task in self.tasks]
 
     def variants(self) -> list[tuple[str, float, str]]:
         """(method, ratio, mode) run on every sample; "full" is the reference, run anyway."""
