@@ -320,7 +320,9 @@ def _keep(backend: _StepAttention, step: Step, scorer, policy, budget: float, ca
                 seen = torch.maximum(seen, observed) if scorer.reduce == "max" else observed
             cand = torch.cat([torch.arange(min(prefix, n_h), n_h), torch.arange(n_h + step.new_prefix, n_h + step.chunk_tokens)])
             obs_seen = seen[cand.to(device)].float().cpu().unsqueeze(0) if observed is not None else None
-            cand_scores.append(scorer.score(_observe(scorer, backend, step, layer, h, cand, obs_seen, layer_idx, num_layers, budget)).float().reshape(-1))
+            # on the CPU, like the candidates: one head's scores are small, and scorers that read
+            # keys or values compute theirs on the device
+            cand_scores.append(scorer.score(_observe(scorer, backend, step, layer, h, cand, obs_seen, layer_idx, num_layers, budget)).float().reshape(-1).cpu())
             cand_rows.append(cand)
             new_seen.append(seen)
         width = max(len(s) for s in cand_scores)
