@@ -2,7 +2,7 @@
 
     model = load_model()
     doc = load_document("report.pdf")
-    result = ask(model, doc, "What was the 2023 revenue?", press=make_press("ada-snapkv", ratio=0.25))
+    result = ask(model, doc, "What was the 2023 revenue?", press=make_press("snapkv", ratio=0.25))
     print(result.answer)
 
 Nothing here prints: progress and streamed text go to callbacks the caller passes.

@@ -5,6 +5,14 @@ raw input bytes (the cache store keys on it, so the same file always finds its c
 whatever its name), one character span per page (so an answer's position can be cited
 as a page), and warnings for the caller to show. This module never prints: every
 failure the user can fix is a `KvcliError` with a one-line message naming the file.
+
+Paths may come from someone else (`kvcli serve` reads the paths its clients send), so a
+path is resolved (links followed, `os.path.realpath`) before its extension is checked:
+`notes.txt -> /etc/shadow` is a link to a file with no supported extension, not a text
+file. Only regular files are read (a FIFO or /dev/zero named `.txt` is refused at once,
+never blocks), opened without blocking and checked on the open descriptor, and every
+input, stdin included, is read under a size bound (`max_bytes`, default
+DEFAULT_MAX_BYTES or $KVCLI_MAX_DOCUMENT_BYTES) before any parsing.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ import codecs
 import hashlib
 import io
 import logging
+import os
 import re
+import stat
 import sys
 import warnings
 from contextlib import contextmanager
@@ -42,6 +52,17 @@ PDF_EXTENSIONS = (".pdf",)
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown")
 SUPPORTED_EXTENSIONS = PDF_EXTENSIONS + TEXT_EXTENSIONS
 STDIN_NAME = "<stdin>"
+# 256 MiB of raw input: ~60M tokens of text, far beyond any context we read, yet small
+# enough that a runaway input (/dev/zero, a huge log) fails in a second, not at a
+# MemoryError after gigabytes.
+DEFAULT_MAX_BYTES = 256 << 20
+MAX_BYTES_ENV = "KVCLI_MAX_DOCUMENT_BYTES"
+# pypdf refuses a page content stream of more than 2M tokens (about 9 MB of text
+# operators), which legitimate dense pages exceed. We allow one token per
+# PDF_BYTES_PER_TOKEN bytes of the size bound instead (8.4M at 256 MiB): measured ~120
+# bytes of memory and ~60 us per token (pypdf 7, this CPU), so parsing stays within
+# about 4x the size bound in memory.
+PDF_BYTES_PER_TOKEN = 32
 
 # Pages are joined with one blank line: enough for the model to see a break, and it can
 # never create a run of blank lines longer than normalization allows.
@@ -98,23 +119,27 @@ class Document:
         return numbers[max(index, 0)]
 
 
-def load_document(source: str, *, password: str | None = None, stdin: BinaryIO | None = None) -> Document:
+def load_document(
+    source: str, *, password: str | None = None, stdin: BinaryIO | None = None, max_bytes: int | None = None
+) -> Document:
     """Read `source` (a .pdf/.txt/.text/.md/.markdown path, or "-" for stdin).
 
     Input on stdin is sniffed: bytes starting with "%PDF-" are a PDF, anything else is
     UTF-8 text. `password` opens an encrypted PDF; without one the empty password is
-    tried, which is all many "encrypted" PDFs need. Raises KvcliError on any input the
-    user has to fix.
+    tried, which is all many "encrypted" PDFs need. `max_bytes` bounds the raw input
+    (default: $KVCLI_MAX_DOCUMENT_BYTES, else DEFAULT_MAX_BYTES). Raises KvcliError on any
+    input the user has to fix.
     """
+    limit = max_document_bytes(max_bytes)
     if source == "-":
         name = display = STDIN_NAME
-        raw = _read_stdin(stdin if stdin is not None else sys.stdin.buffer)
+        raw = _read_stdin(stdin if stdin is not None else sys.stdin.buffer, limit)
         is_pdf = raw.lstrip(b"\r\n\t \x00")[:5] == b"%PDF-"
     else:
-        path = Path(source)
-        name, display = path.name or source, _one_line(source)
-        is_pdf = _check_path(path, display)
-        raw = _read_file(path, display)
+        name, display = Path(source).name or source, _one_line(source)
+        real = _resolve(source, display)
+        is_pdf = _check_path(real, display, linked=os.path.islink(source))
+        raw = _read_file(real, display, limit)
 
     if not raw.strip():
         raise KvcliError(f"{display} is empty (no text to read)")
@@ -122,7 +147,7 @@ def load_document(source: str, *, password: str | None = None, stdin: BinaryIO |
     digest = hashlib.sha256(raw).hexdigest()
     warnings_: list[str] = []
     if is_pdf:
-        page_texts = _pdf_pages(raw, display, password, warnings_)
+        page_texts = _pdf_pages(raw, display, password, warnings_, max(1, limit // PDF_BYTES_PER_TOKEN))
     else:
         page_texts = [_decode_text(raw, warnings_)]
 
@@ -134,6 +159,21 @@ def load_document(source: str, *, password: str | None = None, stdin: BinaryIO |
     return Document(name=name, text=text, sha256=digest, pages=pages, warnings=warnings_)
 
 
+def max_document_bytes(max_bytes: int | None = None) -> int:
+    """The size bound in effect: `max_bytes`, else $KVCLI_MAX_DOCUMENT_BYTES, else the default."""
+    if max_bytes is None:
+        value = os.environ.get(MAX_BYTES_ENV, "").strip()
+        if not value:
+            return DEFAULT_MAX_BYTES
+        try:
+            max_bytes = int(value)
+        except ValueError:
+            raise KvcliError(f"{MAX_BYTES_ENV} must be a number of bytes, not {_one_line(value, 40)!r}") from None
+    if type(max_bytes) is not int or max_bytes < 1:
+        raise KvcliError(f"the document size limit must be a positive number of bytes, not {max_bytes!r}")
+    return max_bytes
+
+
 # ---- reading bytes ----------------------------------------------------------------------
 
 
@@ -143,48 +183,109 @@ def _one_line(value: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def _check_path(path: Path, display: str) -> bool:
-    """Fail early on paths we cannot load; return whether it is a PDF."""
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n:,} bytes"
+
+
+def _too_large(display: str, limit: int, size: int | None = None) -> KvcliError:
+    what = f"{_size(size)}, over" if size is not None else "over"
+    return KvcliError(
+        f"{display} is too large ({what} the {_size(limit)} document size limit); "
+        f"raise it with {MAX_BYTES_ENV}=<bytes> if you mean to read it"
+    )
+
+
+def _resolve(source: str, display: str) -> Path:
+    """The file `source` names, links resolved; fails early on paths we cannot load."""
     try:
-        if not path.exists():
+        real = Path(os.path.realpath(source))
+        if not real.exists():
+            if os.path.lexists(source):
+                raise KvcliError(f"{display} is a link to a missing file")
             raise KvcliError(f"no such file: {display}")
-        if path.is_dir():
+        if real.is_dir():
             raise KvcliError(f"{display} is a directory, not a document; give a file")
-    except OSError as exc:  # e.g. a path component we may not search
+    except OSError as exc:  # e.g. a path component we may not search, a link loop
         raise KvcliError(f"cannot read {display}: {_one_line(exc.strerror or exc)}") from None
-    suffix = path.suffix.lower()
+    except ValueError:  # a NUL byte (a path sent to the server as JSON may hold one)
+        raise KvcliError(f"cannot read {display!r}: a path cannot contain a NUL byte") from None
+    return real
+
+
+def _check_path(real: Path, display: str, *, linked: bool) -> bool:
+    """The extension of the file itself (not of a link to it) must be one we read; returns
+    whether it is a PDF."""
+    suffix = real.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
-        kind = f"'{suffix}'" if suffix else "(no extension)"
-        raise KvcliError(
-            f"{display}: unsupported file type {kind}; supported: "
-            f"{', '.join(SUPPORTED_EXTENSIONS)}, or '-' to read stdin"
-        )
+        kind = f"'{_one_line(suffix, 20)}'" if suffix else "(no extension)"
+        subject = f"{display} links to a file of unsupported type {kind}" if linked else f"{display}: unsupported file type {kind}"
+        raise KvcliError(f"{subject}; supported: {', '.join(SUPPORTED_EXTENSIONS)}, or '-' to read stdin")
     return suffix in PDF_EXTENSIONS
 
 
-def _read_file(path: Path, display: str) -> bytes:
+def _read_file(real: Path, display: str, limit: int) -> bytes:
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer forever (and, in the
+    # server, hold the model lock); O_NOFOLLOW: the resolved path must not have become a
+    # link since. What is opened is checked on the descriptor, not the name.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        return path.read_bytes()
+        fd = os.open(real, flags)
     except PermissionError:
         raise KvcliError(f"cannot read {display}: permission denied") from None
+    except FileNotFoundError:
+        raise KvcliError(f"no such file: {display}") from None
+    except OSError as exc:
+        raise KvcliError(f"cannot read {display}: {_one_line(exc.strerror or exc)}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise KvcliError(f"{display} is a directory, not a document; give a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise KvcliError(f"{display} is not a regular file (a pipe, device or socket); give a document file, or pipe it to '-'")
+        if info.st_size > limit:
+            raise _too_large(display, limit, info.st_size)
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1
+            return _read_bounded(handle, limit, display, info.st_size)
     except IsADirectoryError:
         raise KvcliError(f"{display} is a directory, not a document; give a file") from None
     except OSError as exc:
         raise KvcliError(f"cannot read {display}: {_one_line(exc.strerror or exc)}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
-def _read_stdin(stream: BinaryIO) -> bytes:
+def _read_bounded(stream, limit: int, display: str, expected: int = 0) -> bytes:
+    """All of `stream`, failing as soon as it passes `limit` bytes (a file may grow while
+    read; stdin has no size). Reads what is expected first, then in 1 MiB pieces, so a
+    small input never allocates a buffer of the limit's size."""
+    parts: list[bytes] = []
+    total = 0
+    want = expected + 1 if expected else 1 << 16
+    while True:
+        part = stream.read(min(want, limit + 1 - total))
+        if not part:
+            break
+        if isinstance(part, str):  # a text stream was passed; be lenient
+            part = part.encode("utf-8", errors="surrogateescape")
+        parts.append(part)
+        total += len(part)
+        if total > limit:
+            raise _too_large(display, limit)
+        want = 1 << 20
+    return b"".join(parts)
+
+
+def _read_stdin(stream: BinaryIO, limit: int) -> bytes:
     # Reading a terminal would wait silently for the user to type a document.
     isatty = getattr(stream, "isatty", None)
     if callable(isatty) and isatty():
         raise KvcliError("'-' reads the document from stdin, but stdin is a terminal; pipe a file in (e.g. < report.pdf)")
     try:
-        data = stream.read()
+        return _read_bounded(stream, limit, "stdin")
     except OSError as exc:
         raise KvcliError(f"cannot read stdin: {_one_line(exc.strerror or exc)}") from None
-    if isinstance(data, str):  # a text stream was passed; be lenient
-        data = data.encode("utf-8", errors="surrogateescape")
-    return data
 
 
 # ---- text ---------------------------------------------------------------------------------
@@ -250,11 +351,16 @@ def _quiet_pypdf() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _pdf_pages(raw: bytes, display: str, password: str | None, warnings_: list[str]) -> list[str]:
-    """Extract each page's text; every pypdf failure becomes a KvcliError."""
+def _pdf_pages(raw: bytes, display: str, password: str | None, warnings_: list[str], max_tokens: int) -> list[str]:
+    """Extract each page's text; every pypdf failure becomes a KvcliError.
+
+    pypdf's own safety limits stay in force except the tokens per content stream, raised
+    to `max_tokens` (see PDF_BYTES_PER_TOKEN); a page beyond a limit is reported as such,
+    not as damage, so the user knows the file is fine and what to do.
+    """
     try:
         import pypdf
-        from pypdf.errors import DependencyError
+        from pypdf.errors import DependencyError, LimitReachedError
     except ImportError:  # pragma: no cover - pypdf is a dependency
         raise KvcliError(f"reading {display} needs pypdf: pip install pypdf") from None
 
@@ -262,11 +368,22 @@ def _pdf_pages(raw: bytes, display: str, password: str | None, warnings_: list[s
     # pypdf decrypts AES only with the optional 'cryptography' package, and may find out
     # it needs it while opening the file, checking a password or reading a page.
     needs_crypto = f"{display} is encrypted with AES, which needs the 'cryptography' package: pip install cryptography"
-    with _quiet_pypdf():
+
+    def beyond(where: str, exc: BaseException) -> str:
+        return (
+            f"{display}: {where} exceeds a safety limit of the PDF reader ({_brief(exc)}; the file may be fine); "
+            f"extract its text (e.g. pdftotext) and pass the .txt, or raise {MAX_BYTES_ENV} (the token limit follows it)"
+        )
+
+    current = pypdf.get_configuration()
+    tokens = max(current.stream_parsing_work_maximum_count, max_tokens)
+    with _quiet_pypdf(), pypdf.apply_configuration(stream_parsing_work_maximum_count=tokens):
         try:
             reader = pypdf.PdfReader(io.BytesIO(raw))
         except DependencyError:
             raise KvcliError(needs_crypto) from None
+        except LimitReachedError as exc:
+            raise KvcliError(beyond("its structure", exc)) from None
         except Exception as exc:  # pypdf raises many types for broken files
             raise KvcliError(f"{corrupt} ({_brief(exc)})") from None
 
@@ -275,16 +392,22 @@ def _pdf_pages(raw: bytes, display: str, password: str | None, warnings_: list[s
 
         try:
             pages = list(reader.pages)
+        except LimitReachedError as exc:
+            raise KvcliError(beyond("its page tree", exc)) from None
         except Exception as exc:
             raise KvcliError(f"{corrupt} ({_brief(exc)})") from None
 
         texts: list[str] = []
         failed: list[int] = []
+        limited: dict[int, BaseException] = {}
         for number, page in enumerate(pages, start=1):
             try:
                 texts.append(page.extract_text() or "")
             except DependencyError:
                 raise KvcliError(needs_crypto) from None
+            except LimitReachedError as exc:
+                limited[number] = exc
+                texts.append("")
             except Exception:
                 # One bad content stream should not cost the rest of the document.
                 failed.append(number)
@@ -292,12 +415,19 @@ def _pdf_pages(raw: bytes, display: str, password: str | None, warnings_: list[s
 
     if not pages:
         raise KvcliError(f"{corrupt} (it has no pages)")
+    if limited and len(limited) + len(failed) == len(pages):
+        first = min(limited)
+        raise KvcliError(beyond(f"page {first}" if len(limited) == 1 else f"pages {_page_list(sorted(limited))}", limited[first]))
     if failed and len(failed) == len(pages):
         raise KvcliError(f"{corrupt} (no page could be read)")
+    if limited:
+        numbers = sorted(limited)
+        which = f"pages {_page_list(numbers)}" if len(numbers) > 1 else f"page {numbers[0]}"
+        warnings_.append(f"skipped {which}: beyond a safety limit of the PDF reader ({_brief(limited[numbers[0]])})")
     if failed:
         which = f"pages {_page_list(failed)}" if len(failed) > 1 else f"page {failed[0]}"
         warnings_.append(f"could not read the text of {which} (damaged)")
-    blank = [n for n, text in enumerate(texts, start=1) if not text.strip() and n not in failed]
+    blank = [n for n, text in enumerate(texts, start=1) if not text.strip() and n not in failed and n not in limited]
     if blank and len(blank) < len(pages):
         pages_have = f"pages {_page_list(blank)} have" if len(blank) > 1 else f"page {blank[0]} has"
         warnings_.append(f"{pages_have} no extractable text (scanned images?)")

@@ -13,9 +13,29 @@ from typing import Callable
 
 import torch
 
+from dataclasses import replace
+
 from kvcli import attention
 from kvcli.cache import CompressedCache, attend_reference
 from kvcli.fastpath import FusedDecoder
+
+
+def in_dtype(cache: CompressedCache, dtype: torch.dtype) -> CompressedCache:
+    """`cache` with its keys and values in `dtype` (the cache itself when they already are).
+
+    A document read in bfloat16 decodes in float32 on a CPU (kvcli.precision). The cast
+    happens here, once, after eviction: it touches only the kept rows (the prompt's full
+    bf16 K/V never exists in float32), and every decode step then appends and attends in
+    float32 without converting the cache again. The copy owns its positions and lengths, so
+    decoding it leaves `cache` (and its statistics) as read.
+    """
+    if all(layer.keys.dtype == dtype and layer.values.dtype == dtype for layer in cache.layers):
+        return cache
+    layers = [
+        replace(layer, keys=layer.keys.to(dtype), values=layer.values.to(dtype), positions=layer.positions.clone(), lengths=layer.lengths.clone())
+        for layer in cache.layers
+    ]
+    return replace(cache, layers=layers, next_position=cache.next_position.clone())
 
 
 class CacheAttention:

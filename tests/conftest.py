@@ -1,13 +1,16 @@
-import copy
 import os
 
 import pytest
 import torch
 
-# Without a GPU, Triton kernels run through the interpreter; must be set before triton loads.
+# Without a GPU, Triton kernels run through the interpreter; must be set before triton loads,
+# so before anything below imports kvcli.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from kvcli.serve.server import make_server, server_url  # noqa: E402
+from tests.support import CharTokenizer, start, tiny_service  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -38,45 +41,30 @@ def default_model(model_cache_dir):
             os.environ["KVCLI_CACHE_DIR"] = previous
 
 
-class CharTokenizer:
-    """A tokenizer for random models: one token per character, no chat template."""
-
-    chat_template = None
-    eos_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [1 + ord(c) % 250 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(96 + i % 26) for i in ids)
-
-    def get_vocab(self):
-        return {chr(i): i for i in range(256)}
-
-
-def tiny_llama(num_heads=8, num_kv_heads=2, layers=3, seed=0):
-    """(reference transformers model, the same weights routed through kvcli)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kvcli.attention import install
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=16 * num_heads,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-    )
-    reference = LlamaForCausalLM(copy.deepcopy(config)).eval()
-    ours = LlamaForCausalLM(copy.deepcopy(config)).eval()
-    ours.load_state_dict(reference.state_dict())
-    install(ours)
-    return reference, ours
-
-
 @pytest.fixture
 def char_tokenizer():
     return CharTokenizer()
+
+
+# ---- a server on a tiny model (tests/test_server.py, test_serve_cli.py, test_serve_security.py)
+
+
+@pytest.fixture
+def service(char_tokenizer):
+    return tiny_service(char_tokenizer, cpu_bytes=10**8)
+
+
+@pytest.fixture
+def served(service, monkeypatch):
+    """A running server on a free loopback port (its token under the test's own cache dir)."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    server = make_server(service, host="127.0.0.1", port=0)
+    start(server)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def url(served):
+    return server_url(served)

@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -20,57 +19,21 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import kvcli
-from kvcli.store import kvcfile as cachefile
-from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
-from kvcli.store.kvcfile import load_cache, read_header, save_cache
+from kvcli.cache import DEFAULT_HEADROOM, CompressedCache
 from kvcli.errors import KvcliError
+from kvcli.store import kvcfile as cachefile
+from kvcli.store.header import canonical_checksum
+from kvcli.store.kvcfile import load_cache, read_header, save_cache
 from kvcli.store.quantize import dequantize, quantize
-
-FINGERPRINT = "abc123def4567890" * 4
-
-
-def make_cache(
-    seed: int = 0,
-    *,
-    num_layers: int = 3,
-    num_heads: int = 4,
-    tokens: int = 40,
-    head_dim: int = 64,
-    dtype: torch.dtype = torch.float32,
-    headroom: int = 8,
-) -> CompressedCache:
-    """Random cache, a different number of kept rows per head; head 1 of layer 0 keeps none."""
-    gen = torch.Generator().manual_seed(seed)
-    prefix = 7
-    layers = []
-    for layer in range(num_layers):
-        keys = (torch.randn(num_heads, tokens, head_dim, generator=gen) * 3 + 0.5).to(dtype)
-        values = torch.randn(num_heads, tokens, head_dim, generator=gen).to(dtype)
-        positions = torch.arange(tokens) + prefix
-        kept = []
-        for h in range(num_heads):
-            n = 0 if (layer == 0 and h == 1) else int(torch.randint(1, tokens + 1, (1,), generator=gen))
-            kept.append(torch.randperm(tokens, generator=gen)[:n].sort().values)
-        layers.append(LayerCache.from_kept(keys, values, positions, kept, headroom=headroom))
-    return CompressedCache(layers, torch.tensor([prefix + tokens + 3]), original_length=prefix + tokens)
-
-
-def make_header(name: str = "doc.pdf") -> dict:
-    return {
-        "model": {
-            "name": "SmolLM2-135M",
-            "fingerprint": FINGERPRINT,
-            "architecture": "llama",
-            "num_layers": 3,
-            "num_kv_heads": 4,
-            "head_dim": 64,
-        },
-        "document": {"name": name, "sha256": "0" * 64, "pages": [[1, 0, 100], [2, 100, 250]], "tokens": 40},
-        "prefix_ids": [1, 2, 3, 4, 5, 6, 7],
-        "method": {"name": "snapkv", "ratio": 0.5, "budget": 20, "agnostic": True},
-        "created": "2025-01-01T00:00:00Z",
-        "unicode": "naïve – ünïcödé ✓",
-    }
+from tests.support import (
+    FINGERPRINT,
+    as_version_1,
+    header_length,
+    make_cache,
+    make_header,
+    rewrite,
+    tensor_chunks,
+)
 
 
 def assert_same(a: CompressedCache, b: CompressedCache, *, atol: float = 0.0, dtype: torch.dtype | None = None) -> None:
@@ -114,7 +77,7 @@ def test_round_trip_exact(tmp_path, dtype):
         assert (layer.capacity_per_head - layer.lengths[0]).tolist() == [DEFAULT_HEADROOM] * layer.num_kv_heads
         assert (layer.positions[0] == -1).sum() == DEFAULT_HEADROOM * layer.num_kv_heads
     assert loaded.kept_per_head().tolist() == cache.kept_per_head().tolist()
-    assert header["kv_dtype"] == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    assert header.kv_dtype == {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def test_only_rows_in_use_are_stored(tmp_path):
@@ -137,7 +100,7 @@ def test_cast_on_save(tmp_path, kv_dtype, dtype):
     path = tmp_path / "c.kvc"
     save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
     loaded, header = load_cache(path)
-    assert header["kv_dtype"] == kv_dtype
+    assert header.kv_dtype == kv_dtype
     assert_same(cache, loaded, dtype=dtype)
     loaded32, _ = load_cache(path, dtype=torch.float32)
     assert loaded32.layers[0].keys.dtype == torch.float32
@@ -151,17 +114,24 @@ def test_header_round_trip(tmp_path):
     read = read_header(path)
     _, loaded = load_cache(path)
     assert read == loaded
+    as_json = read.as_dict()
     for key, value in header.items():
-        assert read[key] == value
-    assert read["format"] == "kvcli-cache"
-    assert read["format_version"] == 2
-    assert read["kvcli_version"] == kvcli.__version__
-    assert read["original_length"] == cache.original_length
-    assert read["next_position"] == int(cache.next_position[0])
-    assert read["num_layers"] == 3
-    assert read["quantization"] is None
-    assert read["lengths"] == cache.kept_per_head().tolist()
-    assert len(read["checksum"]) == 64
+        assert as_json[key] == value
+    assert as_json["format"] == "kvcli-cache"
+    assert read.format_version == 2
+    assert read.kvcli_version == kvcli.__version__
+    assert read.original_length == cache.original_length
+    assert read.next_position == int(cache.next_position[0])
+    assert read.num_layers == 3
+    assert read.quantization is None
+    assert [list(layer) for layer in read.lengths] == cache.kept_per_head().tolist()
+    assert len(read.checksum) == 64
+    # typed sections
+    assert read.model.fingerprint == FINGERPRINT and read.model.num_kv_heads == 4
+    assert read.document.name == "doc.pdf" and read.document.pages == ((1, 0, 100), (2, 100, 250))
+    assert read.method.method == "snapkv" and read.method.ratio == 0.5 and read.method.budget == 20
+    assert read.prefix_ids == (1, 2, 3, 4, 5, 6, 7)
+    assert read.extra == {"unicode": header["unicode"]}
     assert "checksum" not in header  # the caller's dict is not modified
 
 
@@ -242,8 +212,8 @@ def test_quantized_round_trip(tmp_path, kv_dtype, bits):
     size16 = save_cache(ref, cache, make_header())
     size = save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
     loaded, header = load_cache(path)
-    assert header["kv_dtype"] == kv_dtype
-    assert header["quantization"] == {"bits": bits, "group_size": 32, "scheme": "symmetric" if bits == 8 else "asymmetric"}
+    assert header.kv_dtype == kv_dtype
+    assert header.quantization.as_dict() == {"bits": bits, "group_size": 32, "scheme": "symmetric" if bits == 8 else "asymmetric"}
     assert loaded.layers[0].keys.dtype == torch.float16  # the source dtype by default
     assert loaded.next_position.tolist() == cache.next_position.tolist()
     for la, lb in zip(cache.layers, loaded.layers):
@@ -290,10 +260,6 @@ def saved(tmp_path) -> Path:
     path = tmp_path / "c.kvc"
     save_cache(path, make_cache(), make_header())
     return path
-
-
-def header_length(path: Path) -> int:
-    return struct.unpack("<Q", path.read_bytes()[:8])[0]
 
 
 def test_missing_and_not_a_file(tmp_path):
@@ -393,31 +359,12 @@ def test_safetensors_without_kvcli_metadata(tmp_path):
         load_cache(path)
 
 
-def rewrite(path: Path, change) -> None:
-    """Rewrite a .kvc file with its header changed (checksums are not recomputed)."""
-    data = path.read_bytes()
-    hlen = header_length(path)
-    table = json.loads(data[8 : 8 + hlen])
-    header = json.loads(table["__metadata__"]["kvcli"])
-    change(header)
-    path.write_bytes(st_save(st_load(data), metadata={"kvcli": json.dumps(header)}))
-
-
 def test_wrong_format_version(saved):
     rewrite(saved, lambda h: h.update(format_version=3))
     with pytest.raises(KvcliError, match=rf"^{saved} was written by format version 3; this kvcli reads versions 1 and 2$"):
         load_cache(saved)
     with pytest.raises(KvcliError, match="format version 3"):
         read_header(saved)
-
-
-def tensor_chunks(path: Path) -> dict[str, bytes]:
-    """Every tensor's raw bytes, by name, straight from the file."""
-    data = path.read_bytes()
-    hlen = header_length(path)
-    table = json.loads(data[8 : 8 + hlen])
-    table.pop("__metadata__")
-    return {name: data[8 + hlen + spec["data_offsets"][0] : 8 + hlen + spec["data_offsets"][1]] for name, spec in table.items()}
 
 
 def test_checksum_v2_is_per_tensor(saved):
@@ -427,22 +374,9 @@ def test_checksum_v2_is_per_tensor(saved):
     header = read_header(saved)
     chunks = tensor_chunks(saved)
     lines = "".join(f"{name}:{hashlib.sha256(chunks[name]).hexdigest()}\n" for name in sorted(chunks))
-    assert header["checksum"] == hashlib.sha256(lines.encode()).hexdigest()
-    assert cachefile._checksum_v2(chunks) == header["checksum"]
-    assert cachefile._checksum_v1(chunks) != header["checksum"]  # the schemes never agree
-
-
-def as_version_1(path: Path, *, v1_digest: bool = True) -> None:
-    """Rewrite a file as format version 1 would have written it (old single-stream checksum)."""
-    chunks = tensor_chunks(path)
-
-    def change(h):
-        h["format_version"] = 1
-        if v1_digest:
-            h["checksum"] = cachefile._checksum_v1(chunks)
-        h["header_checksum"] = cachefile._header_checksum(h)
-
-    rewrite(path, change)
+    assert header.checksum == hashlib.sha256(lines.encode()).hexdigest()
+    assert cachefile._checksum_v2(chunks) == header.checksum
+    assert cachefile._checksum_v1(chunks) != header.checksum  # the schemes never agree
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
@@ -452,9 +386,9 @@ def test_reads_version_1_files(tmp_path, kv_dtype):
     save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
     new, _ = load_cache(path)
     as_version_1(path)
-    assert read_header(path)["format_version"] == 1
+    assert read_header(path).format_version == 1
     old, header = load_cache(path)
-    assert header["format_version"] == 1
+    assert header.format_version == 1
     assert_same(new, old)
     # and its data is still verified, with the old scheme
     data = bytearray(path.read_bytes())
@@ -473,7 +407,7 @@ def test_version_label_and_checksum_scheme_must_agree(saved):
     def v2_with_v1_digest(h):
         h["format_version"] = 2
         h["checksum"] = cachefile._checksum_v1(tensor_chunks(saved))
-        h["header_checksum"] = cachefile._header_checksum(h)
+        h["header_checksum"] = canonical_checksum(h)
 
     rewrite(saved, v2_with_v1_digest)
     with pytest.raises(KvcliError, match=r"is corrupted \(checksum mismatch\)$"):
@@ -505,7 +439,7 @@ def test_structural_damage_is_a_clean_error(saved):
     def drop_layer(h):
         h["num_layers"] = 2
         h["lengths"] = h["lengths"][:2]
-        h["header_checksum"] = cachefile._header_checksum(h)
+        h["header_checksum"] = canonical_checksum(h)
 
     rewrite(saved, drop_layer)
     with pytest.raises(KvcliError, match="is corrupted: unexpected tensor layer.2"):
@@ -599,7 +533,7 @@ def test_two_writers_race(tmp_path):
     while any(p.is_alive() for p in procs):
         if path.exists():
             loaded, header = load_cache(path)
-            seed = int(header["document"]["name"][4:])
+            seed = int(header.document.name[4:])
             assert_same(caches[seed], loaded)
             seen.add(seed)
         time.sleep(0.01)
@@ -607,7 +541,7 @@ def test_two_writers_race(tmp_path):
         p.join()
         assert p.exitcode == 0
     loaded, header = load_cache(path)
-    assert_same(caches[int(header["document"]["name"][4:])], loaded)
+    assert_same(caches[int(header.document.name[4:])], loaded)
     assert temp_files(tmp_path) == []
 
 
@@ -615,7 +549,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from test_cachefile import make_cache, make_header
+    from support import make_cache, make_header
     from kvcli.store.kvcfile import save_cache
     cache = make_cache(seed=9, num_layers=4, num_heads=4, tokens=1500, head_dim=128)
     print("ready", flush=True)
@@ -639,15 +573,15 @@ def test_sigkill_during_write(tmp_path):
             time.sleep(delay)
             os.kill(proc.pid, signal.SIGSTOP)  # frozen mid-write: the target is still whole
             loaded, header = load_cache(path)
-            assert_same(old_cache if header["document"]["name"] == "old" else new_cache, loaded)
+            assert_same(old_cache if header.document.name == "old" else new_cache, loaded)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.kill()
             proc.wait()
             proc.stdout.close()
         loaded, header = load_cache(path)
-        outcomes.append(header["document"]["name"])
-        assert_same(old_cache if header["document"]["name"] == "old" else new_cache, loaded)
+        outcomes.append(header.document.name)
+        assert_same(old_cache if header.document.name == "old" else new_cache, loaded)
         # a killed writer cannot clean up: its one temp file may remain, never under the target name
         for name in temp_files(tmp_path):
             assert name.startswith(".c.kvc.tmp-")
@@ -660,11 +594,11 @@ def test_sigkill_during_write(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_answers_from_the_file_equal_answers_from_memory(tmp_path, dtype, char_tokenizer):
     """A KVzip cache saved and loaded decodes exactly the tokens the in-memory cache decodes."""
-    from kvcli.generate import decode, forward
     from kvcli.compress.methods import make_press
     from kvcli.compress.pipeline import prefill
+    from kvcli.generate import decode, forward
     from kvcli.prompts import PromptLayout
-    from tests.conftest import tiny_llama
+    from tests.support import tiny_llama
 
     _, model = tiny_llama(8, 2, layers=2)
     model.to(dtype)
@@ -684,11 +618,11 @@ def test_answers_from_the_file_equal_answers_from_memory(tmp_path, dtype, char_t
 @pytest.mark.parametrize("kv_dtype,bound", [("int8", 0.01), ("int4", 0.1)])  # measured 0.0013 and 0.017
 def test_quantized_files_answer_with_a_bounded_logit_error(tmp_path, kv_dtype, bound, char_tokenizer):
     """int8/int4 are lossy: the next-token logits after the question move by a bounded relative error."""
-    from kvcli.generate import forward
     from kvcli.compress.methods import make_press
     from kvcli.compress.pipeline import prefill
+    from kvcli.generate import forward
     from kvcli.prompts import PromptLayout
-    from tests.conftest import tiny_llama
+    from tests.support import tiny_llama
 
     _, model = tiny_llama(8, 2, layers=2)
     layout = PromptLayout.build(char_tokenizer, "The keeper's dog was called Biscuit and slept by the lamp. " * 3, None)

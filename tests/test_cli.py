@@ -1,14 +1,13 @@
 """The command line: in-process through Typer's runner, and as a real subprocess on the embedded model."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from kvcli.cli.main import app
+from kvcli.compress.methods import DEFAULT_AWARE_METHOD
+from tests.support import run_kvcli
 
 SHORT_DOC = (
     "Greyhaven Lighthouse stands on the northern cape of Orrin Island. Its keeper from 1921 to 1948 "
@@ -16,13 +15,6 @@ SHORT_DOC = (
     "412 pounds.\n"
 )
 COMMANDS = [["ask"], ["summarize"], ["compress"], ["info"], ["cache"], ["cache", "list"], ["cache", "rm"], ["cache", "clear"], ["serve"], ["eval"]]
-
-
-def run_kvcli(args, env_extra=None, stdin=None, timeout=300):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "kvcli.cli.main", *args], input=stdin, capture_output=True, text=True, env=env, timeout=timeout
-    )
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -50,6 +42,10 @@ def test_usage_error_exits_2():
         (["ask", "{bad_kvc}", "q"], "not a kvcli cache"),
         (["info", "{bad_kvc}"], "not a kvcli cache"),
         (["cache", "rm", "../../etc"], "invalid cache id"),
+        (["ask", "{doc}", "q", "--dtype", "float64"], "unknown --dtype 'float64'"),
+        (["summarize", "{doc}", "--dtype", "int8"], "unknown --dtype 'int8'"),
+        (["compress", "{doc}", "-o", "{doc}.kvc", "--dtype", "double"], "unknown --dtype 'double'"),
+        (["ask", "{bad_kvc}", "q", "--dtype", "bf17"], "unknown --dtype 'bf17'"),
     ],
 )
 def test_bad_input_is_one_line_exit_1(tmp_path, args, message):
@@ -64,6 +60,14 @@ def test_bad_input_is_one_line_exit_1(tmp_path, args, message):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stdout == ""
+
+
+def test_bad_dtype_from_the_environment_is_one_line(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(SHORT_DOC)
+    result = run_kvcli(["ask", str(doc), "q"], {"KVCLI_DTYPE": "float8"})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["kvcli: error: unknown --dtype 'float8': use auto, float32, bfloat16, float16"]
 
 
 @pytest.mark.slow
@@ -84,7 +88,7 @@ def test_ask_end_to_end_on_the_embedded_model(tmp_path, model_cache_dir):
     assert len(record["document"]["sha256"]) == 64
     assert set(record["timings"]) >= {"model_load_seconds", "prefill_seconds", "ttft_seconds", "decode_tokens_per_second"}
     cache = record["cache"]
-    assert cache["method"] == "ada-snapkv" and cache["ratio"] == 0.5
+    assert cache["method"] == DEFAULT_AWARE_METHOD and cache["ratio"] == 0.5  # question-aware: the aware default
     assert len(cache["kept_per_layer"]) == 30
     assert cache["compressed_bytes"] < cache["full_bytes"]
     assert cache["kept_per_head"]["min"] <= cache["kept_per_head"]["median"] <= cache["kept_per_head"]["max"]

@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcli.compress.budgets import CrossLayerPolicy, Policy, layer_budgets, select_ada
 from kvcli.cache import LayerCache, attend_reference
-from kvcli.generate import decode, forward
+from kvcli.compress.budgets import CrossLayerPolicy, Policy, layer_budgets, select_ada
 from kvcli.compress.methods import make_press
 from kvcli.compress.pipeline import prefill
+from kvcli.generate import decode, forward
 from kvcli.prompts import PromptLayout
-from tests.conftest import tiny_llama
+from tests.support import tiny_llama
 
 DOCUMENT = "Alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike. " * 6
 QUESTION = "Which word follows golf?"
@@ -206,3 +206,20 @@ def test_graph_replay_decodes_the_same_tokens_as_eager(char_tokenizer, dtype):
     eager = decode(ours, result.cache.clone(), first, max_new_tokens=24, stop_ids=set(), cuda_graph=False)
     graphed = decode(ours, result.cache.clone(), first, max_new_tokens=24, stop_ids=set(), cuda_graph=True)
     assert graphed == eager
+
+
+def test_max_pooling_gives_a_whole_run_its_peak_score():
+    """SnapKV with max pooling: the tokens within kernel//2 of a hit share its score, so one
+    threshold keeps or drops a digit run whole; average pooling grades them (and cuts runs)."""
+    from kvcli.compress.observation import Observation
+    from kvcli.compress.scorers import SnapKV
+
+    attention = torch.full((1, 20), 0.01)
+    attention[0, 10] = 1.0
+    obs = Observation(0, 1, 1, 1, 20, 5.0, attention=attention)
+    peaked = SnapKV(pooling="max").score(obs)[0]
+    assert torch.all(peaked[7:14] == 1.0) and torch.all(peaked[:7] == 0.01) and torch.all(peaked[14:] == 0.01)
+    graded = SnapKV().score(obs)[0]
+    assert graded[10] == graded[7] and graded[7] < 1.0  # averaged: the hit itself is diluted
+    with pytest.raises(ValueError):
+        SnapKV(pooling="median")

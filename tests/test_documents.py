@@ -12,7 +12,7 @@ import pytest
 from pypdf import PdfReader, PdfWriter
 
 from kvcli.documents import Document, PageSpan, load_document
-from kvcli.errors import KvcliError
+from tests.support import error_of
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 REPORT = SAMPLES / "annual_report.pdf"
@@ -30,16 +30,6 @@ REPORT_FACTS = {
     7: "Our largest customer is Baywater Outfitters",
     8: "audited by Halvorsen & Pike LLP",
 }
-
-
-def error_of(source, **kwargs) -> str:
-    """Load `source`, expecting a KvcliError; return its message, checked to be one line."""
-    with pytest.raises(KvcliError) as info:
-        load_document(str(source), **kwargs)
-    message = str(info.value)
-    assert message and "\n" not in message and "\r" not in message, repr(message)
-    assert "Traceback" not in message
-    return message
 
 
 def sample_pdf_bytes(pages: int = 2) -> bytes:
@@ -357,10 +347,14 @@ def test_unreadable_file_simulated(tmp_path, monkeypatch):
     path = tmp_path / "locked.pdf"
     path.write_bytes(REPORT.read_bytes())
 
-    def deny(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    def deny(target, flags, *args):
+        if os.path.realpath(target) == os.path.realpath(path):
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_open(target, flags, *args)
+
+    monkeypatch.setattr(os, "open", deny)
     message = error_of(path)
     assert message == f"cannot read {path}: permission denied"
 

@@ -9,14 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from kvcli import api
-from kvcli.eval import fidelity
-from kvcli.eval import sweep
-from kvcli.eval import tasks
 from kvcli.cli.main import app
-from kvcli.errors import KvcliError
 from kvcli.compress.methods import make_press
+from kvcli.errors import KvcliError
+from kvcli.eval import fidelity, sweep, tasks
 from kvcli.models import LoadedModel
-from tests.conftest import CharTokenizer, tiny_llama
+from tests.support import CharTokenizer, tiny_llama
 
 
 def words(document: str, question: str) -> int:

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from kvcli.attention import install
-from kvcli.fastpath import FusedDecoder, unsupported_reason
-from kvcli.generate import decode, forward
 from kvcli.compress.methods import make_press
 from kvcli.compress.pipeline import prefill
+from kvcli.fastpath import FusedDecoder, unsupported_reason
+from kvcli.generate import decode, forward
 from kvcli.prompts import PromptLayout
-from tests.conftest import tiny_llama
+from tests.support import tiny_llama
 
 DOCUMENT = "Alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike. " * 4
 QUESTION = "Which word follows golf?"

@@ -22,7 +22,6 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kvcli.cache import LayerCache, attend_reference  # noqa: E402
 from kvcli.kernels import interpreting, triton_available  # noqa: E402
 from kvcli.kernels.decode_attention import (  # noqa: E402
     decode_attention,
@@ -31,6 +30,8 @@ from kvcli.kernels.decode_attention import (  # noqa: E402
     skewed_lengths,
 )
 from kvcli.kernels.window_scores import window_scores, window_scores_reference  # noqa: E402
+
+from kvcli.cache import LayerCache, attend_reference  # noqa: E402
 from kvcli.compress.window import window_attention_torch  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"

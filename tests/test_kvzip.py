@@ -48,7 +48,7 @@ def reference_scores(model, layout, scorer) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("chunk_size", [10_000, 120, 50], ids=["1-chunk", "3-chunks", "8-chunks"])
 def test_kvzip_scores_match_the_chunked_reference(chunk_size, char_tokenizer):
-    from tests.conftest import tiny_llama
+    from tests.support import tiny_llama
 
     reference, ours = tiny_llama(8, 2, layers=2)
     reference.set_attn_implementation("eager")

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["kvcli", "kvcli.errors"],
     ["kvcli.documents", "kvcli.prompts", "kvcli.cache", "kvcli.attention", "kvcli.kernels"],
-    ["kvcli.models"],
+    ["kvcli.precision", "kvcli.models"],
     ["kvcli.compress", "kvcli.generate", "kvcli.fastpath"],
     ["kvcli.store"],
     ["kvcli.api"],
@@ -57,7 +57,9 @@ def layer_of(name: str) -> int:
     best, depth = None, -1
     for i, layer in enumerate(LAYERS):
         for prefix in layer:
-            if (name == prefix or name.startswith(prefix + ".")) and prefix.count(".") > depth:
+            # "kvcli" is the package itself: every module below it must be listed on its own
+            inside = name.startswith(prefix + ".") and prefix != "kvcli"
+            if (name == prefix or inside) and prefix.count(".") > depth:
                 best, depth = i, prefix.count(".")
     assert best is not None, f"{name} belongs to no layer: add it to LAYERS"
     return best

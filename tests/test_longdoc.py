@@ -6,39 +6,15 @@ import torch
 
 from kvcli import api
 from kvcli.compress import progressive as longdoc
+from kvcli.compress.methods import METHODS, default_method, make_press
+from kvcli.compress.pipeline import prefill
 from kvcli.documents import Document, PageSpan
 from kvcli.generate import decode, forward
-from kvcli.compress.methods import METHODS, make_press
 from kvcli.models import LoadedModel
-from kvcli.compress.pipeline import prefill
 from kvcli.prompts import PromptLayout
-from tests.conftest import CharTokenizer, tiny_llama
+from tests.support import CharTokenizer, small_context_llama, text_of, tiny_llama
 
 QUESTION = "Which fox jumps?"
-
-
-def text_of(chars: int) -> str:
-    """Distinct sentences (numbered), about `chars` characters = tokens for CharTokenizer."""
-    out, i = [], 0
-    while sum(map(len, out)) < chars:
-        out.append(f"The fox number {i} jumps over dog {i * 7 % 13}. ")
-        i += 1
-    return "".join(out)[:chars]
-
-
-def small_context_llama(context=256, layers=2, rope_scaling=None, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kvcli.attention import install
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=context, rope_scaling=rope_scaling,
-    )
-    model = LlamaForCausalLM(config).eval()
-    install(model)
-    return model
 
 
 def loaded(model, context) -> LoadedModel:
@@ -219,7 +195,7 @@ def test_max_context_forces_chunking_and_full_falls_back():
     _, model = tiny_llama(8, 2)
     text = text_of(800)
     result = api.read(loaded(model, 4096), document(text), make_press("full"), question=QUESTION, headroom_tokens=16, max_context=300)
-    assert result.progressive["context"] == 300 and result.press.name == "ada-snapkv"
+    assert result.progressive["context"] == 300 and result.press.name == default_method(agnostic=False)
     assert result.prefill.max_position < 300
     (answer,) = api.answer(loaded(model, 4096), result, [QUESTION], api.Generation(max_new_tokens=4))
     assert answer.tokens >= 1

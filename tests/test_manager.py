@@ -3,9 +3,9 @@
 import math
 
 import pytest
-import torch
 
 from kvcli.serve.manager import NOWHERE, CacheManager, CacheShape, Config, Entry, Tier
+from tests.support import DOCUMENT, ask, tiny_service
 
 SHAPE = CacheShape(num_layers=4, num_kv_heads=2, head_dim=64, compute_bytes=2)
 CONFIGS = (Config("full", 1.0), Config("ada-snapkv", 0.5), Config("ada-snapkv", 0.25), Config("ada-snapkv", 0.25, "int8"))
@@ -139,36 +139,12 @@ def test_access_promotes_and_drop_readmits_at_lightest():
 # ---- the service on a tiny random model: restart keeps the disk tier ------------------------
 
 
-def tiny_service(char_tokenizer, disk_bytes=10**9, cpu_bytes=0):
-    from kvcli.models import LoadedModel
-    from kvcli.serve.service import ModelService
-    from tests.conftest import tiny_llama
-
-    _, ours = tiny_llama(8, 2, layers=2)
-    model = LoadedModel(ours, char_tokenizer, "tiny", "f" * 64, torch.device("cpu"), torch.float32, 4096, 0.0)
-    tiers = [Tier("cpu", cpu_bytes, math.inf), Tier("disk", disk_bytes, 1e8, encoded=True)]
-    m = CacheManager(tiers, ModelService.shape_of(model), prefill_seconds_per_token=1e-4)
-    return ModelService(model, m, profile=False)
-
-
-DOCUMENT = "The lighthouse keeper counted ships every night. " * 12
-
-
-def ask(service, body):
-    """One request as the HTTP handler runs it: answer, then settle placement."""
-    with service.turn():
-        try:
-            return service.ask(body, None)
-        finally:
-            service.after_request()
-
-
 def test_restart_rediscovers_and_reuses_the_disk_tier(char_tokenizer):
     from kvcli.store.persist import store_dir
 
     service = tiny_service(char_tokenizer)
     first = ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
-    assert first["timings"]["served_from"] == NOWHERE
+    assert first["placement"]["served_from"] == NOWHERE
     (entry,) = service.manager.entries.values()
     assert entry.tier == "disk"  # cpu capacity 0: demoted to the store
     files = list(store_dir().glob("*.kvc"))
@@ -180,13 +156,13 @@ def test_restart_rediscovers_and_reuses_the_disk_tier(char_tokenizer):
     assert (found.id, found.tier, found.config) == (entry.id, "disk", entry.config)
     assert found.recompressible  # the text sidecar came back too
     again = ask(restarted, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
-    assert again["timings"]["served_from"] == "disk"
+    assert again["placement"]["served_from"] == "disk"
     assert again["answer"] == first["answer"]
 
 
 def test_full_disk_drops_cleanly_and_keeps_answering(char_tokenizer, monkeypatch):
-    from kvcli.serve import service as service_module
     from kvcli.errors import KvcliError
+    from kvcli.serve import service as service_module
 
     def full(*args, **kwargs):
         raise KvcliError("cannot write x.kvc: disk full (123 bytes needed); free some space or choose another path")
@@ -202,8 +178,8 @@ def test_full_disk_drops_cleanly_and_keeps_answering(char_tokenizer, monkeypatch
 
 def test_failed_rewrite_keeps_the_file_already_on_disk(char_tokenizer, monkeypatch):
     """A full disk while compressing further: the old file stays whole and the entry points at it."""
-    from kvcli.serve import service as service_module
     from kvcli.errors import KvcliError
+    from kvcli.serve import service as service_module
 
     service = tiny_service(char_tokenizer)
     ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
@@ -221,7 +197,7 @@ def test_failed_rewrite_keeps_the_file_already_on_disk(char_tokenizer, monkeypat
     assert list(service.store.glob("*.kvc")) == [before]
     assert "kept its file" in service.manager.decisions[-1].reason
     monkeypatch.undo()
-    assert ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})["timings"]["served_from"] == "disk"
+    assert ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})["placement"]["served_from"] == "disk"
 
 
 def test_clean_stop_writes_memory_to_disk_for_the_next_start(char_tokenizer):
@@ -232,7 +208,7 @@ def test_clean_stop_writes_memory_to_disk_for_the_next_start(char_tokenizer):
     assert service.stop() == 1
     restarted = tiny_service(char_tokenizer, cpu_bytes=10**9)
     assert restarted.rediscover() == 1
-    assert ask(restarted, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})["timings"]["served_from"] == "disk"
+    assert ask(restarted, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})["placement"]["served_from"] == "disk"
 
 
 def test_a_damaged_file_is_read_again_from_the_text(char_tokenizer):
@@ -255,11 +231,11 @@ import os, sys, time
 sys.path.insert(0, {root!r})
 os.environ["KVCLI_CACHE_DIR"] = {cache!r}
 from kvcli.store import kvcfile as cachefile
-from tests.conftest import CharTokenizer
-from tests.test_manager import DOCUMENT, tiny_service
+from tests.support import DOCUMENT, CharTokenizer, tiny_service
 
 service = tiny_service(CharTokenizer())
-entry = service.entry_for(service.document({{"text": DOCUMENT}}))
+from kvcli.serve.requests import DocumentSource
+entry = service.entry_for(service.read_document(DocumentSource(text=DOCUMENT)))
 service.manager.access(entry.id)
 service.rebalance()  # the document is on disk, whole
 
@@ -303,7 +279,7 @@ def test_killed_mid_write_leaves_no_corrupt_cache_and_restarts(char_tokenizer, t
     for path in store_dir().glob("*.kvc"):
         load(restarted.model, path)
     result = ask(restarted, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
-    assert result["timings"]["served_from"] == "disk"
+    assert result["placement"]["served_from"] == "disk"
 
 
 def test_benchmark_compares_policies_on_one_stream(monkeypatch, capsys, tmp_path):

@@ -23,7 +23,7 @@ def kept_positions(cache) -> list[list[list[int]]]:
 
 @pytest.fixture(scope="module")
 def model():
-    from tests.conftest import tiny_llama
+    from tests.support import tiny_llama
 
     return tiny_llama(8, 2, layers=4)[1]
 
@@ -63,7 +63,7 @@ def test_method_at_ratio_one_is_the_full_cache(model, method, char_tokenizer):
 
 @pytest.mark.parametrize("method", COMPRESSING)
 def test_method_is_deterministic_on_both_reading_paths(method, char_tokenizer):
-    from tests.test_longdoc import small_context_llama, text_of
+    from tests.support import small_context_llama, text_of
 
     model = small_context_llama(context=256, layers=2)
     runs = []

@@ -10,10 +10,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kvcli.store.kvcfile import read_header
 from kvcli.cli.main import app
-from tests.test_manager import DOCUMENT
-from tests.test_server import service, url  # noqa: F401 (fixtures: a server on a tiny model)
+from kvcli.store.kvcfile import read_header
+from tests.support import DOCUMENT
 
 
 @pytest.fixture
@@ -68,7 +67,57 @@ def test_ask_json_and_questions_through_the_server(url, doc, tmp_path):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["question"] for r in records] == ["Who counted?", "What was counted?"]
-    assert all(r["timings"]["served_from"] == "text" and r["cache"]["method"] == "snapkv" for r in records)
+    assert all(r["cache"]["method"] == "snapkv" and r["model"]["name"] == "tiny" for r in records)
+
+
+def nested_keys(record: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in record.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= nested_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def test_ask_json_prints_the_same_record_with_and_without_the_server(url, doc, service, monkeypatch):
+    """One answer record: `kvcli ask --json` on this machine and through the server (the same
+    tiny model in both) print the same keys, nested ones too, and the same answers."""
+    import kvcli.cli.main as cli_main
+
+    monkeypatch.setattr(cli_main, "load_model_reporting", lambda *args, **kwargs: service.model)
+    args = ["--json", "--method", "snapkv", "--ratio", "0.5", "--max-new-tokens", "3"]
+    for extra, stdin in ((["Who counted?"], None), (["--questions", "-"], "Who counted?\nWhat was counted?\n")):
+        local = kvcli("ask", doc, *extra, *args, stdin=stdin)
+        remote = kvcli("ask", doc, *extra, *args, "--server", url, stdin=stdin)
+        assert local.exit_code == 0 and remote.exit_code == 0, (local.output, remote.output)
+        local_records = [json.loads(line) for line in local.stdout.splitlines()]
+        remote_records = [json.loads(line) for line in remote.stdout.splitlines()]
+        assert len(local_records) == len(remote_records) == (1 if stdin is None else 2)
+        for mine, theirs in zip(local_records, remote_records):
+            assert nested_keys(theirs) == nested_keys(mine)
+            assert (theirs["question"], theirs["answer"], theirs["document"]) == (mine["question"], mine["answer"], mine["document"])
+
+
+def test_summarize_through_the_server(url, doc):
+    from kvcli.prompts import SUMMARY_INSTRUCTION
+
+    result = kvcli("summarize", doc, "--server", url, "--max-new-tokens", "4", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["question"] == SUMMARY_INSTRUCTION and record["cache"]["agnostic"] is True
+    streamed = kvcli("summarize", doc, "--max-new-tokens", "4", env={"KVCLI_SERVER": url})
+    assert streamed.exit_code == 0 and streamed.stdout.strip() == record["answer"]
+
+
+def test_more_questions_than_one_request_takes_go_in_several(url, doc):
+    from kvcli.serve.client import QUESTIONS_PER_REQUEST
+    from kvcli.serve.requests import MAX_QUESTIONS
+
+    assert QUESTIONS_PER_REQUEST == MAX_QUESTIONS
+    questions = "".join(f"Question {i}?\n" for i in range(MAX_QUESTIONS + 3))
+    result = kvcli("ask", doc, "--questions", "-", "--json", "--server", url, "--max-new-tokens", "1", stdin=questions)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["question"] for line in result.stdout.splitlines()] == questions.splitlines()
 
 
 def test_ask_reads_stdin_through_the_server(url):
@@ -81,13 +130,14 @@ def test_compress_through_the_server_writes_a_file_or_adds_a_managed_cache(url, 
     out = tmp_path / "doc.kvc"
     result = kvcli("compress", doc, "-o", out, "--server", url, "--ratio", "0.5", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["output"] == str(out) and read_header(out)["method"]["ratio"] == 0.5
+    assert json.loads(result.stdout)["output"] == str(out) and read_header(out).method.ratio == 0.5
     added = kvcli("compress", doc, "--server", url, "--json")
     assert added.exit_code == 0, added.output
     assert json.loads(added.stdout)["entry"]["document"] == "doc.txt"
     assert len(service.manager.entries) == 1
     answer = kvcli("ask", out, "Who counted?", "--server", url, "--max-new-tokens", "3", "--json")
-    assert json.loads(answer.stdout)["timings"]["served_from"] == "file"
+    assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.stdout)["timings"]["cache_file"] == str(out)
 
 
 def test_cache_rm_and_clear_through_the_server(url, doc, service):
@@ -113,8 +163,12 @@ def test_cache_rm_and_clear_through_the_server(url, doc, service):
         (["compress", "{doc}"], "--output"),
         (["serve", "--gpu-bytes", "lots"], "--gpu-bytes 'lots'"),
         (["serve", "--host", "8.8.8.8"], "not a loopback address"),
+        (["serve", "--socket", "/nonexistent/dir/kvcli.sock"], "does not exist"),
+        (["serve", "--socket", "/tmp/" + "s" * 120], "longer than the 107 bytes"),
+        (["summarize", "{doc}", "--server", "http://127.0.0.1:9"], "cannot reach the kvcli server"),
     ],
-    ids=["server-down", "bad-scheme", "socket-missing", "missing-document", "bad-temperature", "compress-no-output", "bad-size", "remote-host"],
+    ids=["server-down", "bad-scheme", "socket-missing", "missing-document", "bad-temperature", "compress-no-output", "bad-size",
+         "remote-host", "serve-socket-folder-missing", "serve-socket-too-long", "summarize-server-down"],
 )
 def test_bad_input_is_one_line_and_exit_1(args, fragment, url, doc):
     one_line_error(kvcli(*[a.format(doc=doc, url=url) for a in args]), fragment)
@@ -123,6 +177,8 @@ def test_bad_input_is_one_line_and_exit_1(args, fragment, url, doc):
 @pytest.mark.slow
 def test_kvcli_serve_process_answers_stops_cleanly_and_restarts_with_its_disk_tier(tmp_path, doc, model_cache_dir):
     """The real command on the embedded model: a Unix socket, SIGTERM, a restart."""
+    from kvcli.serve.client import Client
+
     socket_path = tmp_path / "kvcli.sock"
     env = {**os.environ, "KVCLI_CACHE_DIR": model_cache_dir}
     socket_url = f"unix://{socket_path}"
@@ -144,26 +200,27 @@ def test_kvcli_serve_process_answers_stops_cleanly_and_restarts_with_its_disk_ti
         return rest
 
     ask = [sys.executable, "-m", "kvcli.cli.main", "ask", str(doc), "Who counted?", "--reuse", "--json", "--max-new-tokens", "8", "--server", socket_url]
+    body = {"document": str(doc), "question": "Who counted?", "max_new_tokens": 8}
     proc, lines = serve()
     try:
         first = json.loads(subprocess.run(ask, capture_output=True, text=True, env=env, check=True).stdout)
-        assert first["timings"]["served_from"] == "none"
+        assert Client(socket_url).ask(body)["placement"]["served_from"] == "cpu"  # the CLI's ask read it
         assert "1 cached document(s) on disk" in stop(proc)
     finally:
         proc.kill()
     proc, lines = serve()
     try:
         assert any("1 cached document(s) found on disk" in line for line in lines)
-        again = json.loads(subprocess.run(ask, capture_output=True, text=True, env=env, check=True).stdout)
-        assert again["timings"]["served_from"] == "disk" and again["answer"] == first["answer"]
+        again = Client(socket_url).ask(body)
+        assert again["placement"]["served_from"] == "disk" and again["answer"] == first["answer"]
         stop(proc)
     finally:
         proc.kill()
 
 
 def test_one_server_per_cache_store(tmp_path):
-    from kvcli.errors import KvcliError
     from kvcli.cli.serve import _claim_store
+    from kvcli.errors import KvcliError
 
     first = _claim_store(tmp_path)
     with pytest.raises(KvcliError, match="another `kvcli serve`"):

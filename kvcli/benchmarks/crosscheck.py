@@ -241,7 +241,7 @@ def main() -> None:
     # Window methods, question-aware: [document][question], no prefix.
     doc, question = random_ids(WINDOW_DOC), random_ids(QUESTION_TOKENS)
     layout = PromptLayout(tokenizer=tokenizer, template=TEMPLATE, prefix_ids=[], document_ids=doc, question_ids=question)
-    for method, budget in [("snapkv", BUDGET), ("streaming", BUDGET)] + [("ada-snapkv", b) for b in ADA_BUDGETS]:
+    for method, budget in [("snapkv", BUDGET), ("streaming", BUDGET)] + [(m, b) for b in ADA_BUDGETS for m in ("ada-snapkv", "ada-snapkv-topk")]:
         press = make_press(method, budget=budget)
         kvcli_runs[f"{method}-{budget}"] = (kvcli_kept(model, layout, press), layout, press)
 
@@ -258,11 +258,11 @@ def main() -> None:
         aligned_alpha = (int(ALPHA * b) + QUESTION_TOKENS + 0.5) / (b + QUESTION_TOKENS)
         kvpress_floor = max(int(ALPHA * (b + QUESTION_TOKENS)) - QUESTION_TOKENS, 0)
         cases += [
-            Case("Ada-SnapKV", "ada-snapkv", f"b={b} kvpress alpha {ALPHA}: doc floor {kvpress_floor} vs kvcli {int(ALPHA * b)}",
-                 window_spec(b, press="ada-nopad", kernel=7, alpha=ALPHA), f"ada-snapkv-{b}"),
-            Case("Ada-SnapKV", "ada-snapkv", f"b={b} aligned: doc floor {int(ALPHA * b)} on both",
-                 window_spec(b, press="ada-nopad", kernel=7, alpha=aligned_alpha), f"ada-snapkv-{b}"),
-            Case("Ada-SnapKV", "ada-snapkv", f"b={b} vs Ada-KV authors' rule round(c(1-a)+floor)",
+            Case("Ada-SnapKV-topk", "ada-snapkv-topk", f"b={b} kvpress alpha {ALPHA}: doc floor {kvpress_floor} vs kvcli {int(ALPHA * b)}",
+                 window_spec(b, press="ada-nopad", kernel=7, alpha=ALPHA), f"ada-snapkv-topk-{b}"),
+            Case("Ada-SnapKV-topk", "ada-snapkv-topk", f"b={b} aligned: doc floor {int(ALPHA * b)} on both",
+                 window_spec(b, press="ada-nopad", kernel=7, alpha=aligned_alpha), f"ada-snapkv-topk-{b}"),
+            Case("Ada-SnapKV", "ada-snapkv", f"b={b} the Ada-KV authors' rule round(c(1-a)+floor), both sides",
                  window_spec(b, press="ada-authors", kernel=7, alpha=ALPHA), f"ada-snapkv-{b}"),
         ]
     cases.append(Case("StreamingLLM", "streaming", f"b={BUDGET} aligned: 4 sinks + recent", window_spec(BUDGET, press="streaming", n_sink=4), stream))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import contextmanager
 
 import typer
@@ -11,6 +13,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kvcli.errors import KvcliError
 
 stderr = Console(stderr=True, highlight=False)
+_IMPORTED = time.perf_counter()  # the CLI's entry: the fallback for when the process started
+
+
+def process_started() -> float:
+    """When this process started, on the time.perf_counter() clock: /proc/self/stat's start
+    time (10 ms resolution, so interpreter start-up and imports are counted), or, where there
+    is no /proc, when the CLI was imported."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, counted after "pid (comm)"
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+    now = time.perf_counter()
+    return now - age if 0 <= age <= now - _IMPORTED + 3600 else _IMPORTED
 
 
 class Reporter:
@@ -48,12 +66,15 @@ class Reporter:
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def load_model_reporting(spec: str, device: str, reporter: Reporter):
+def load_model_reporting(spec: str, device: str, reporter: Reporter, dtype: str = "auto"):
+    """Load the model (dtype: a --dtype value, see kvcli.precision) and say so on stderr."""
     from kvcli.models import load_model
 
     with reporter.status(f"Loading model {spec} (the first run converts the embedded model: ~20 s)"):
-        model = load_model(spec, device=device)
-    reporter.note(f"[dim]model {model.name} on {model.device} ({str(model.dtype).removeprefix('torch.')}), loaded in {model.load_seconds:.1f} s[/]")
+        model = load_model(spec, device=device, dtype=dtype)
+    phases = model.precision
+    shown = phases.read if phases.read == phases.decode else f"reading {phases.read}, decoding {phases.decode}"
+    reporter.note(f"[dim]model {model.name} on {model.device} ({shown}), loaded in {model.load_seconds:.1f} s[/]")
     return model
 
 

@@ -16,7 +16,7 @@ import typer
 from kvcli.errors import KvcliError
 from kvcli.eval.tasks import TASKS
 
-DEFAULT_METHODS = "ada-snapkv,snapkv,pyramid,dynamic,kvzip,streaming,random"
+DEFAULT_METHODS = "snapkv,pyramid,ada-snapkv,dynamic,kvzip,criticalkv,defensivekv,streaming,random"
 DEFAULT_RATIOS = "1,0.5,0.25,0.1"
 
 

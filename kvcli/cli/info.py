@@ -51,23 +51,23 @@ def cache_file_info(path: str) -> dict:
     from kvcli.store.kvcfile import read_header
 
     header = read_header(path)
-    kept = [sum(layer) for layer in header.get("lengths", [])]
-    other = header.get("original_length", 0) - header["document"]["tokens"]
-    heads = header["model"]["num_kv_heads"]
+    model, document, method, _ = header.require_document(path)
+    # Rows that are not the document's (the prefix) in every head, so "kept" counts document tokens.
+    other = max(0, header.original_length - document.tokens)
     return {
         "file": path,
-        "model": header["model"]["name"],
-        "model_fingerprint": header["model"]["fingerprint"][:16],
-        "document": header["document"]["name"],
-        "document_sha256": header["document"]["sha256"],
-        "pages": len(header["document"]["pages"]),
-        "document_tokens": header["document"]["tokens"],
-        "method": header["method"].get("method"),
-        "ratio": header["method"].get("ratio"),
-        "budget": header["method"].get("budget"),
-        "kv_dtype": header.get("kv_dtype"),
+        "model": model.name,
+        "model_fingerprint": model.fingerprint[:16],
+        "document": document.name,
+        "document_sha256": document.sha256,
+        "pages": len(document.pages),
+        "document_tokens": document.tokens,
+        "method": method.method,
+        "ratio": method.ratio,
+        "budget": method.budget,
+        "kv_dtype": header.kv_dtype,
         "bytes": os.path.getsize(path),
-        "kept_per_layer": [k - other * heads for k in kept],
-        "created": header.get("created"),
-        "kvcli_version": header.get("kvcli_version"),
+        "kept_per_layer": [sum(layer) - other * len(layer) for layer in header.lengths],
+        "created": header.created,
+        "kvcli_version": header.kvcli_version,
     }

@@ -12,15 +12,16 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
 
 from kvcli.cli import eval as eval_cli
 from kvcli.cli import serve as serve_cli
-from kvcli.cli.common import Reporter, guard, load_model_reporting, stderr
+from kvcli.cli.common import Reporter, guard, load_model_reporting, process_started, stderr
 from kvcli.errors import KvcliError
-from kvcli.compress.methods import DEFAULT_METHOD, METHODS
+from kvcli.compress.methods import DEFAULT_AGNOSTIC_METHOD, DEFAULT_AWARE_METHOD, METHODS, default_method
 
 app = typer.Typer(
     help="Ask questions of long documents with a local LLM whose KV cache is compressed by eviction.",
@@ -38,7 +39,7 @@ app.add_typer(cache_app, name="cache")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", envvar="KVCLI_MODEL", help="'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face model directory, or a model id in the local HF cache.")]
 DeviceOpt = Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", help="auto, cpu or cuda.")]
-MethodOpt = Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", help=f"Compression method: {', '.join(METHODS)}.")]
+MethodOpt = Annotated[Optional[str], typer.Option("--method", envvar="KVCLI_METHOD", help=f"Compression method: {', '.join(METHODS)} (default: {DEFAULT_AWARE_METHOD} question-aware; {DEFAULT_AGNOSTIC_METHOD} with --agnostic, --reuse or --questions).")]
 RatioOpt = Annotated[Optional[float], typer.Option("--ratio", help="Fraction of document tokens kept (default 0.25 for compressing methods).")]
 BudgetOpt = Annotated[Optional[int], typer.Option("--budget", help="Document tokens kept per KV head, on average (instead of --ratio).")]
 AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="Ada-KV safeguard floor per head, as a fraction of the mean budget (default 0.2).")]
@@ -48,16 +49,35 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 = greedy
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed when sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (answer, timings, cache statistics) instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")]
-PasswordOpt = Annotated[Optional[str], typer.Option("--password", envvar="KVCLI_PDF_PASSWORD", help="Password of an encrypted PDF.")]
+PasswordOpt = Annotated[Optional[str], typer.Option("--password", envvar="KVCLI_PDF_PASSWORD", help="Password of an encrypted PDF: the password, @FILE to read it from a file's first line, or - to be asked on the terminal (neither shows in the process list).")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Tokens per prefill chunk (bounds activation memory); also the chunk of a document read progressively.")]
 ServerOpt = Annotated[Optional[str], typer.Option("--server", envvar="KVCLI_SERVER", help="Go through a running `kvcli serve` (http://HOST:PORT or unix:///path): no model load; the server's model is used.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", envvar="KVCLI_DTYPE", help="Compute precision: auto (CPU with AMX/AVX-512 BF16: read in bfloat16, decode in float32; GPU: bfloat16), or float32, bfloat16, float16 for every phase.")]
 MaxContextOpt = Annotated[Optional[int], typer.Option("--max-context", help="Use at most this many positions (default: the model's context); a longer document is read in chunks, compressing after each.")]
+
+
+def resolve_password(value: str | None) -> str | None:
+    """--password as given: the password itself, @FILE (its first line), or - (asked on the terminal)."""
+    if value is None or (value != "-" and not value.startswith("@")):
+        return value
+    if value == "-":
+        import getpass
+
+        try:
+            return getpass.getpass("PDF password: ")  # the terminal, not stdin (which may be the document)
+        except (EOFError, OSError):
+            raise KvcliError("--password -: no terminal to ask on; give @FILE or the password") from None
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise KvcliError(f"--password {value}: cannot read {value[1:]}: {exc.strerror}") from None
 
 
 def _load_document(source: str, password: str | None, reporter: Reporter):
     from kvcli.documents import load_document
 
-    document = load_document(source, password=password)
+    document = load_document(source, password=resolve_password(password))
     for warning in document.warnings:
         reporter.warn(f"{document.name}: {warning}")
     return document
@@ -88,48 +108,60 @@ def _read_questions(question: str | None, questions_file: str | None) -> list[st
 def _run_question(
     *, source, question, questions_file=None, model, device, method, ratio, budget, alpha, agnostic, reuse=False,
     kv_dtype="auto", max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size, max_context=None, server=None,
+    dtype="auto",
 ) -> None:
     import time
 
-    from kvcli import api
+    from kvcli.precision import parse as parse_dtype
+
+    dtype = parse_dtype(dtype)  # before anything slow: a bad value is a one-line error
+    from kvcli import api, generate
     from kvcli.store import persist
     from kvcli.compress.methods import make_press
 
     reporter = Reporter(quiet)
     generation = api.Generation(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     questions = _read_questions(question, questions_file)
+    if method is None:  # the evidence-chosen default for how this cache will be used
+        method = default_method(agnostic=agnostic or reuse or len(questions) > 1)
     if server:
         _ask_server(
             server, reporter, source=source, questions=questions, method=method, ratio=ratio, budget=budget, agnostic=agnostic,
-            reuse=reuse, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, password=password, json_out=json_out,
+            reuse=reuse, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, password=resolve_password(password), json_out=json_out,
         )
         return
     from_file = persist.is_cache_file(source)
-    if from_file and source == "-":
-        raise KvcliError("a .kvc cache is read from a file, not stdin")
     if from_file:
         from kvcli.store.kvcfile import read_header
 
         read_header(source)  # a bad file fails here, before the model is loaded
     press = None if from_file else make_press(method, ratio=ratio, budget=budget, alpha=alpha)
     document = None if from_file else _load_document(source, password, reporter)
-    loaded = load_model_reporting(model, device, reporter)
+    loaded = load_model_reporting(model, device, reporter, dtype)
     started = time.perf_counter()
+    precision = loaded.precision.describe()
     if from_file:
-        compressed, header = persist.load(loaded, source)
-        doc_info = header["document"]
-        reporter.note(f"[dim]reusing {source}: {doc_info['name']}, {header['method'].get('method')} at ratio {header['method'].get('ratio')}[/]")
+        compressed, header = persist.load(loaded, source)  # cast to the decoding precision as it loads
+        # How the file was read is not recorded; what it stores is (and it decodes here in precision["decode"]).
+        precision.update(read=None, read_autocast=None, stored=header.kv_dtype, why=f"read when {source} was written; {precision['why']}")
+        doc_info = header.document.as_dict()
+        reporter.note(f"[dim]reusing {source}: {header.document.name}, {header.method.method} at ratio {header.method.ratio}[/]")
     else:
-        with reporter.layers(f"Reading {document.name}") as progress:
+        # the reading precision: bf16 autocast around the float32 weights on a CPU with AMX / AVX-512 BF16
+        with reporter.layers(f"Reading {document.name}") as progress, loaded.reading() as reader:
             if reuse:
-                compressed, hit = persist.reuse(
-                    loaded, document, press, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
+                compressed, hit, warning = persist.reuse(
+                    reader, document, press, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
                 )
+                if warning:
+                    reporter.warn(warning)
+                if hit:  # read by the run that stored it
+                    precision.update(read=None, read_autocast=None, why=f"read when {compressed.source} was stored; {precision['why']}")
                 reporter.note(f"[dim]{'reused' if hit else 'stored'} compressed cache {compressed.source}[/]")
             else:
                 aware = len(questions) == 1 and not agnostic
                 compressed = api.read(
-                    loaded, document, press, question=questions[0] if aware else None, chunk_size=chunk_size,
+                    reader, document, press, question=questions[0] if aware else None, chunk_size=chunk_size,
                     headroom_tokens=max_new_tokens, progress=progress, max_context=max_context,
                 )
         notice = api.progressive_notice(compressed)
@@ -137,10 +169,15 @@ def _run_question(
             reporter.note(f"[dim]{notice}[/]")
         doc_info = api.document_info(document)
     stream = not json_out and len(questions) == 1
-    answers = api.answer(loaded, compressed, questions, generation, on_text=_print_text if stream else None, started=started)
+    # Decoding runs in loaded.dtype: a cache read in another precision is cast once, kept rows only.
+    decoding = replace(compressed, cache=generate.in_dtype(compressed.cache, loaded.dtype))
+    answers = api.answer(loaded, decoding, questions, generation, on_text=_print_text if stream else None, started=started)
+    process_start = process_started()
     for result in answers:
         if json_out:
             record = api.report(loaded, doc_info, compressed, result)
+            record["precision"] = precision
+            record["timings"]["wall_to_first_token_seconds"] = round(started + result.ttft_seconds - process_start, 4)
             sys.stdout.write(json.dumps(record) + "\n")
         elif stream:
             sys.stdout.write("\n")
@@ -152,7 +189,8 @@ def _run_question(
     prefill_s = f"prefill {compressed.prefill.prefill_seconds:.2f} s, " if compressed.prefill else ""
     reporter.note(
         f"[dim]{stats['document_tokens']} document tokens, kept {stats['kept_fraction']:.0%} ({compressed.press.name}); "
-        f"{prefill_s}first token {last.ttft_seconds:.2f} s, {last.decode_tokens_per_second:.1f} tokens/s[/]"
+        f"{prefill_s}first token {last.ttft_seconds:.2f} s ({started + last.ttft_seconds - process_start:.2f} s after start), "
+        f"{last.decode_tokens_per_second:.1f} tokens/s[/]"
     )
 
 
@@ -160,11 +198,11 @@ def _ask_server(url: str, reporter: Reporter, **request) -> None:
     """`ask --server`: the server answers (with --reuse, from the cache its manager keeps)."""
     from kvcli.serve.client import remote_ask
 
-    result = remote_ask(url, **request)
+    result = remote_ask(url, **request, process_start=process_started())
     sys.stdout.flush()
-    timings = result["timings"]
-    held = f" ({timings['config']})" if "config" in timings else ""
-    reporter.note(f"[dim]served by {url} from {timings['served_from']}{held}; first token {timings['ttft_seconds']:.2f} s[/]")
+    placement, first = result["placement"], result["answers"][0]["timings"]
+    held = f" ({placement['config']})" if "config" in placement else ""
+    reporter.note(f"[dim]served by {url} from {placement['served_from']}{held}; first token {first['ttft_seconds']:.2f} s[/]")
 
 
 # ---- commands -------------------------------------------------------------------------
@@ -181,13 +219,14 @@ def ask(
     questions: Annotated[Optional[str], typer.Option("--questions", help="A file of questions, one per line (- for stdin); answered as one batch over one agnostic cache.")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
-    method: MethodOpt = DEFAULT_METHOD,
+    method: MethodOpt = None,
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
     alpha: AlphaOpt = None,
     agnostic: AgnosticOpt = False,
     reuse: Annotated[bool, typer.Option("--reuse", help="Compress question-agnostically once, keep it in the cache store, reuse it next time (with --server: the server's managed caches).")] = False,
     kv_dtype: KvDtypeOpt = "auto",
+    dtype: DtypeOpt = "auto",
     max_new_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.0,
     seed: SeedOpt = None,
@@ -201,7 +240,7 @@ def ask(
     """Answer a question about a document (or a saved .kvc cache)."""
     guard(lambda: _run_question(
         source=document, question=question, questions_file=questions, model=model, device=device, method=method,
-        ratio=ratio, budget=budget, alpha=alpha, agnostic=agnostic, reuse=reuse, kv_dtype=kv_dtype,
+        ratio=ratio, budget=budget, alpha=alpha, agnostic=agnostic, reuse=reuse, kv_dtype=kv_dtype, dtype=dtype,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, json_out=json_out, quiet=quiet,
         password=password, chunk_size=chunk_size, max_context=max_context, server=server,
     ))
@@ -213,7 +252,7 @@ def summarize(
     *,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
-    method: MethodOpt = DEFAULT_METHOD,
+    method: MethodOpt = None,
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
     alpha: AlphaOpt = None,
@@ -225,6 +264,8 @@ def summarize(
     password: PasswordOpt = None,
     chunk_size: ChunkOpt = 2048,
     max_context: MaxContextOpt = None,
+    server: ServerOpt = None,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Summarize a document (compression is question-agnostic: there is no question)."""
     from kvcli.prompts import SUMMARY_INSTRUCTION
@@ -232,7 +273,8 @@ def summarize(
     guard(lambda: _run_question(
         source=document, question=SUMMARY_INSTRUCTION, model=model, device=device, method=method, ratio=ratio,
         budget=budget, alpha=alpha, agnostic=True, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        json_out=json_out, quiet=quiet, password=password, chunk_size=chunk_size, max_context=max_context,
+        json_out=json_out, quiet=quiet, password=password, chunk_size=chunk_size, max_context=max_context, server=server,
+        dtype=dtype,
     ))
 
 
@@ -243,11 +285,12 @@ def compress(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write the .kvc cache (with --server and no -o: the server keeps it in its managed caches).")] = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
-    method: Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", help=f"Compression method: {', '.join(METHODS)}.")] = "kvzip",
+    method: Annotated[str, typer.Option("--method", envvar="KVCLI_METHOD", help=f"Compression method: {', '.join(METHODS)}.")] = DEFAULT_AGNOSTIC_METHOD,
     ratio: RatioOpt = None,
     budget: BudgetOpt = None,
     alpha: AlphaOpt = None,
     kv_dtype: KvDtypeOpt = "auto",
+    dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     password: PasswordOpt = None,
@@ -258,6 +301,9 @@ def compress(
     """Compress a document question-agnostically and save the cache for any later question."""
 
     def run():
+        from kvcli.precision import parse as parse_dtype
+
+        requested = parse_dtype(dtype)
         from kvcli import api
         from kvcli.store import persist
         from kvcli.compress.methods import make_press
@@ -269,21 +315,23 @@ def compress(
         reporter = Reporter(quiet)
         if server:
             _compress_server(server, reporter, source=document, output=output, method=method, ratio=ratio, budget=budget,
-                             kv_dtype=kv_dtype, password=password, json_out=json_out)
+                             kv_dtype=kv_dtype, password=resolve_password(password), json_out=json_out)
             return
         press = make_press(method, ratio=ratio, budget=budget, alpha=alpha)
         doc = _load_document(document, password, reporter)
-        loaded = load_model_reporting(model, device, reporter)
-        with reporter.layers(f"Compressing {doc.name}") as progress:
-            compressed, written = persist.compress(
-                loaded, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
+        loaded = load_model_reporting(model, device, reporter, requested)
+        with reporter.layers(f"Compressing {doc.name}") as progress, loaded.reading() as reader:
+            compressed, written = persist.compress(  # kv auto: stored in the dtype it was read into
+                reader, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
             )
         notice = api.progressive_notice(compressed)
         if notice:
             reporter.note(f"[dim]{notice}[/]")
         stats = compressed.stats()
         if json_out:
-            sys.stdout.write(json.dumps({"output": output, "bytes": written, "document": api.document_info(doc), "cache": stats}) + "\n")
+            record = {"output": output, "bytes": written, "document": api.document_info(doc), "cache": stats}
+            record["precision"] = {key: value for key, value in loaded.precision.describe().items() if key != "decode"}
+            sys.stdout.write(json.dumps(record) + "\n")
         reporter.note(
             f"wrote {output}: {written / 1e6:.1f} MB, {stats['document_tokens']} document tokens, kept {stats['kept_fraction']:.0%} "
             f"({press.name}, kv {kv_dtype}); compression {stats['compression_seconds']:.2f} s"
@@ -311,6 +359,7 @@ def info(
     *,
     model: ModelOpt = "default",
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -318,11 +367,16 @@ def info(
 
     def run():
         from kvcli.cli.info import cache_file_info, model_info
+        from kvcli.precision import parse as parse_dtype
 
+        requested = parse_dtype(dtype)
         if cache_file is not None:
             details = cache_file_info(cache_file)
         else:
-            details = model_info(load_model_reporting(model, device, Reporter(quiet)))
+            loaded = load_model_reporting(model, device, Reporter(quiet), requested)
+            details = model_info(loaded)
+            phases = loaded.precision
+            details["precision"] = phases.describe() if json_out else f"read {phases.read}, decode {phases.decode} ({phases.why})"
         if json_out:
             sys.stdout.write(json.dumps(details) + "\n")
             return
@@ -408,16 +462,15 @@ eval_cli.register(app)
 
 
 def _quiet_libraries() -> None:
-    """transformers' progress bars and advice would pollute stderr; we report our own."""
+    """transformers' progress bars and advice would pollute stderr; we report our own.
+
+    Through the environment, which transformers and huggingface_hub read when (and only if)
+    a command imports them: importing transformers here would cost `--help` a second.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main() -> None:

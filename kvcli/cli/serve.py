@@ -34,13 +34,28 @@ def parse_size(flag: str, text: str | None) -> int | None:
 
 
 def _claim_store(store):
-    """Lock the cache store for this server: two servers on one store would delete each other's files."""
+    """Lock the cache store for this server: two servers on one store would delete each other's files.
+
+    The lock file is opened without following links and never truncated: a link planted at
+    its name (a shared cache folder) is refused instead of clobbering what it points to.
+    """
     import fcntl
+    import os
+    import stat
 
     from kvcli.errors import KvcliError
 
     store.mkdir(parents=True, exist_ok=True)
-    handle = open(store / ".serve.lock", "w")
+    path = store / ".serve.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), 0o600)
+    except OSError as exc:
+        reason = "it is a symbolic link" if os.path.islink(path) else (exc.strerror or str(exc))
+        raise KvcliError(f"cannot open the store's lock file {path}: {reason}") from None
+    handle = os.fdopen(fd, "r+b")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise KvcliError(f"the store's lock file {path} is not a regular file")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -51,6 +66,22 @@ def _claim_store(store):
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _route_uvicorn_logs(log) -> None:
+    """uvicorn logs through `logging`: its lines go to `log` (-v), else nowhere (every error a
+    client sees is already its JSON reply; ours go through `log` and the warnings list)."""
+    import logging
+
+    class Forward(logging.Handler):
+        def emit(self, record):
+            if log is not None:
+                log(f"uvicorn: {record.getMessage()}")
+
+    logger = logging.getLogger("uvicorn")
+    logger.handlers[:] = [Forward()]
+    logger.setLevel(logging.INFO if log is not None else logging.CRITICAL + 1)
+    logger.propagate = False
 
 
 def register(app: typer.Typer) -> None:
@@ -66,7 +97,7 @@ def register(app: typer.Typer) -> None:
         alpha: Annotated[float, typer.Option("--alpha", help="Quality given up per second of time to first token (joint policy weight).")] = DEFAULT_ALPHA,
         model: Annotated[str, typer.Option("--model", "-m", envvar="KVCLI_MODEL", help="Model spec, as for `kvcli ask`.")] = "default",
         device: Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", help="auto, cpu or cuda.")] = "auto",
-        allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (no authentication: anyone who can connect reads your files).")] = False,
+        allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host and any Host header (requests still need the token; it travels unencrypted).")] = False,
         max_pending: Annotated[int, typer.Option("--max-pending", help="Requests waiting or running before new ones get 503.")] = 8,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request and placement decision on stderr.")] = False,
     ) -> None:
@@ -75,10 +106,11 @@ def register(app: typer.Typer) -> None:
 
         def run():
             from kvcli.errors import KvcliError
-            from kvcli.serve.manager import CacheManager, machine_tiers
+            from kvcli.serve.manager import CacheManager
+            from kvcli.serve.tiers import machine_tiers
             from kvcli.models import load_model
             from kvcli.store.persist import store_dir
-            from kvcli.serve.server import check_loopback, make_server, server_url
+            from kvcli.serve.server import check_loopback, check_socket_path, make_server, server_url
             from kvcli.serve.service import ModelService
 
             if max_pending < 1:
@@ -88,16 +120,21 @@ def register(app: typer.Typer) -> None:
             capacities = {
                 "gpu": parse_size("--gpu-bytes", gpu_bytes), "cpu": parse_size("--cpu-bytes", cpu_bytes), "disk": parse_size("--disk-bytes", disk_bytes),
             }
-            if socket_path is None and not allow_remote:
-                check_loopback(host)  # before the model load: a refused address fails fast
+            if socket_path is not None:
+                check_socket_path(socket_path)  # before the model load: a bad path fails fast
+            elif not allow_remote:
+                check_loopback(host)  # likewise a refused address
             claim = _claim_store(store_dir())  # held until we stop (or the process dies)
             log = (lambda line: stderr.print(line, markup=False, highlight=False)) if verbose else None
+            _route_uvicorn_logs(log)
             stderr.print(f"loading model {model} ...")
             loaded = load_model(model, device=device)
             tiers = machine_tiers(store_dir(), capacities)
             manager = CacheManager(tiers, ModelService.shape_of(loaded), alpha=alpha, on_decision=(lambda d: log(d.describe())) if log else None)
             service = ModelService(loaded, manager, max_pending=max_pending)
             adopted = service.rediscover()
+            for warning in service.warnings:
+                stderr.print(f"warning: {warning}", markup=False)
             server = make_server(service, host=host, port=port, socket_path=socket_path, allow_remote=allow_remote, log=log)
             stop = threading.Event()
 
@@ -114,6 +151,8 @@ def register(app: typer.Typer) -> None:
             threading.Thread(target=idle_profiler, daemon=True).start()
             for tier in tiers:
                 stderr.print(f"tier {tier.name}: {tier.capacity / 1e9:.2f} GB, {tier.bandwidth / 1e9:.2f} GB/s", markup=False)
+            if server.token_file is not None:
+                stderr.print(f"token for clients: {server.token_file} (kvcli --server reads it; others send `Authorization: Bearer <its content>`)", markup=False)
             stderr.print(f"{adopted} cached document(s) found on disk; serving {loaded.name} on {server_url(server)} (Ctrl-C stops)", markup=False)
             signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
             try:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from kvcli.cache import CompressedCache
-from kvcli.compress.methods import DEFAULT_METHOD, Press, make_press
+from kvcli.compress.methods import Press, default_method, make_press
 from kvcli.compress.pipeline import DEFAULT_CHUNK, PrefillResult, prefill
 from kvcli.documents import Document
 from kvcli.errors import KvcliError
@@ -111,17 +111,17 @@ def read(
     limit = context_limit(model, max_context)
     if limit and len(layout.all_ids) + headroom_tokens > limit:
         from kvcli.compress import progressive as longdoc
-        from kvcli.compress.methods import DEFAULT_METHOD
 
         defaulted = press.scorer is None  # nothing can be kept whole: the default method, at the most that fits
+        fallback = default_method(agnostic=question is None)
         if defaulted:
-            press = make_press(DEFAULT_METHOD, budget=limit)
+            press = make_press(fallback, budget=limit)
         result = longdoc.read_progressive(
             model.model, layout, press, context=limit, chunk_size=chunk_size, answer_tokens=headroom_tokens,
             headroom=headroom_tokens + 64, progress=progress,
         )
         if defaulted:  # say what was actually kept, not the cap asked for
-            press = make_press(DEFAULT_METHOD, budget=max(1, int(result.plan.budget)))
+            press = make_press(fallback, budget=max(1, int(result.plan.budget)))
         progressive = {**result.plan.describe(), "compact_length": result.compact_length}
     else:
         result = prefill(model.model, layout, press, chunk_size=chunk_size, headroom=headroom_tokens + 64, progress=progress)

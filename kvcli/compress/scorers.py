@@ -80,10 +80,13 @@ class SnapKV(Scorer):
 
     window_size: int = 32
     kernel_size: int = 7
+    pooling: str = "avg"  # "max": a token scores the best of its neighbourhood (the Ada-KV authors' choice)
 
     def __post_init__(self):
         if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError("window_size must be >= 1 and kernel_size odd and >= 1")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError("pooling must be 'avg' or 'max'")
 
     def window(self, layout: PromptLayout) -> int:
         if layout.question_ids:
@@ -98,7 +101,11 @@ class SnapKV(Scorer):
     def score(self, obs: Observation) -> torch.Tensor:
         scores = obs.attention  # [Hkv, T]
         if self.kernel_size > 1 and scores.shape[-1] > 1:
-            scores = F.avg_pool1d(scores.unsqueeze(1), self.kernel_size, stride=1, padding=self.kernel_size // 2, count_include_pad=False).squeeze(1)
+            pad = self.kernel_size // 2
+            if self.pooling == "max":
+                scores = F.max_pool1d(scores.unsqueeze(1), self.kernel_size, stride=1, padding=pad).squeeze(1)
+            else:
+                scores = F.avg_pool1d(scores.unsqueeze(1), self.kernel_size, stride=1, padding=pad, count_include_pad=False).squeeze(1)
         return scores
 
 

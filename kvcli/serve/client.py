@@ -4,8 +4,10 @@
     result = client.ask({"document": "report.pdf", "question": "Who audited it?"}, on_token=print)
 
 The CLI uses it when --server URL or KVCLI_SERVER is set: the model stays loaded in the
-server, so each call costs a round trip instead of a model load. Every failure (server
-down, 4xx/5xx, a stream cut short) is a one-line KvcliError.
+server, so each call costs a round trip instead of a model load. Over TCP it sends the
+server's token, read from the file the server wrote for its port (kvcli.serve.token) or
+from $KVCLI_SERVER_TOKEN. Every failure (server down, 4xx/5xx, a stream cut short) is a
+one-line KvcliError.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Callable
 from urllib.parse import quote, urlsplit
 
 from kvcli.errors import KvcliError
+from kvcli.serve.token import client_token
 
 SERVER_ENV = "KVCLI_SERVER"
 DEFAULT_TIMEOUT = 600.0  # seconds without a byte from the server (a long document's first read)
+QUESTIONS_PER_REQUEST = 32  # the server's kvcli.serve.requests.MAX_QUESTIONS (this module stays stdlib-only)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -38,23 +43,31 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class Client:
-    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT, token: str | None = None):
+        """`token`: the server's token (default: read for the URL's port, see kvcli.serve.token)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "unix"):
             raise KvcliError(f"--server {url}: use http://HOST:PORT or unix:///path/to/socket")
         if parts.scheme == "unix" and not parts.path:
             raise KvcliError(f"--server {url}: no socket path")
-        self.url, self.parts, self.timeout = url, parts, timeout
+        try:
+            port = parts.port or 8765
+        except ValueError:
+            raise KvcliError(f"--server {url}: the port is not a number") from None
+        self.url, self.parts, self.timeout, self.port = url, parts, timeout, port
+        self.token = token if token is not None or parts.scheme == "unix" else client_token(port)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.parts.scheme == "unix":
             return _UnixConnection(self.parts.path, self.timeout)
-        return http.client.HTTPConnection(self.parts.hostname or "127.0.0.1", self.parts.port or 8765, timeout=self.timeout)
+        return http.client.HTTPConnection(self.parts.hostname or "127.0.0.1", self.port, timeout=self.timeout)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> http.client.HTTPResponse:
         connection = self._connection()
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
             connection.request(method, path, body=data, headers=headers)
             response = connection.getresponse()
@@ -136,12 +149,15 @@ def document_field(source: str) -> dict:
 def remote_ask(
     url: str, *, source: str, questions: list[str], method: str, ratio: float | None, budget: int | None,
     agnostic: bool, reuse: bool, max_new_tokens: int, temperature: float, seed: int | None, password: str | None,
-    json_out: bool, write: Callable[[str], None] | None = None,
+    json_out: bool, write: Callable[[str], None] | None = None, process_start: float | None = None,
 ) -> dict:
     """`kvcli ask --server`: stream the answer to `write`, or print what `kvcli ask` prints.
 
-    --json gives one JSON object per question, as without a server (answer, model,
-    document, timings, cache; timings also say where the cache was served from).
+    --json gives one JSON object per question, the same record as without a server
+    (kvcli.api.report); where the server found the cache is in the result's "placement".
+    `process_start` (time.perf_counter() clock): each record's timings get
+    `wall_to_first_token_seconds`, from then to its first token arriving here, as the CLI
+    reports it without a server.
     """
     body = {
         **document_field(source), "questions": questions, "reuse": reuse, "method": method, "ratio": ratio,
@@ -151,15 +167,27 @@ def remote_ask(
     body = {k: v for k, v in body.items() if v is not None}
     write = write or sys.stdout.write  # looked up per call: sys.stdout may have been replaced
     stream = not json_out and len(questions) == 1
-    result = Client(url).ask(body, on_token=(lambda i, text: write(text)) if stream else None)
-    for item in result["answers"]:
-        if json_out:
-            shared = {k: result[k] for k in ("model", "document", "timings", "cache")}
-            write(json.dumps({"question": item["question"], "answer": item["answer"], **shared}) + "\n")
-        elif stream:
-            write("\n")
-        else:
-            write(f"Q: {item['question']}\n{item['answer']}\n\n")
+    client = Client(url)
+    for start in range(0, len(questions), QUESTIONS_PER_REQUEST):  # the server takes a bounded number at once
+        body["questions"] = questions[start : start + QUESTIONS_PER_REQUEST]
+        arrived: dict[int, float] = {}
+
+        def on_token(index: int, text: str) -> None:
+            arrived.setdefault(index, time.perf_counter())
+            if stream:
+                write(text)
+
+        result = client.ask(body, on_token=on_token)
+        done = time.perf_counter()
+        for index, item in enumerate(result["answers"]):
+            if process_start is not None:
+                item["timings"]["wall_to_first_token_seconds"] = round(arrived.get(index, done) - process_start, 4)
+            if json_out:
+                write(json.dumps(item) + "\n")
+            elif stream:
+                write("\n")
+            else:
+                write(f"Q: {item['question']}\n{item['answer']}\n\n")
     return result
 
 
@@ -181,8 +209,13 @@ CACHE_HEADER = f"{'id':<12}  {'tier':<5} {'configuration':<22} {'size':>11}  {'q
 
 
 def format_cache_row(row: dict) -> str:
-    """One line of `kvcli cache list --server`: tier, configuration, size, quality, utility."""
+    """One line of `kvcli cache list --server`: tier, configuration, size, quality, utility
+    (a number the server could not give, sent as null, shows as '-')."""
+
+    def number(value, spec: str, width: int) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else "-".rjust(width)
+
     return (
-        f"{row['id'][:12]}  {row['tier']:<5} {row['config']:<22} {row['bytes'] / 1e6:8.1f} MB  "
-        f"{row['quality']:>7.3f}  {row['utility']:>+8.3f}  {row['document']}"
+        f"{row['id'][:12]}  {row['tier']:<5} {row['config']:<22} {number((row['bytes'] or 0) / 1e6, '8.1f', 8)} MB  "
+        f"{number(row['quality'], '>7.3f', 7)}  {number(row['utility'], '>+8.3f', 8)}  {row['document']}"
     )

@@ -7,7 +7,7 @@ when it is added and again when idle; kvcli.benchmarks.evicpress --real uses it 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,10 +19,8 @@ from kvcli.documents import Document
 from kvcli.eval.fidelity import continuation_logits
 from kvcli.serve.manager import Config, Entry
 from kvcli.compress.methods import make_press
+from kvcli.models import LoadedModel
 from kvcli.store.quantize import dequantize, quantize
-
-if TYPE_CHECKING:
-    from kvcli.serve.service import ModelService
 
 PROBE_QUESTIONS = ("What is this document about?", "List the key facts the document states.")
 
@@ -65,15 +63,29 @@ class AgreementProfiler:
     recently asked about it (so a re-profile when idle follows real use).
     """
 
-    def __init__(self, service: "ModelService", *, answer_tokens: int = 12, probes: tuple[str, ...] = PROBE_QUESTIONS):
-        self.service, self.answer_tokens, self.probes = service, answer_tokens, probes
+    def __init__(
+        self,
+        model: LoadedModel,
+        configs: Sequence[Config],
+        *,
+        documents: Callable[[str], Document | None] = lambda entry_id: None,
+        recent_questions: Callable[[str], list[str]] = lambda entry_id: [],
+        answer_tokens: int = 12,
+        probes: tuple[str, ...] = PROBE_QUESTIONS,
+    ):
+        """`configs`: the manager's configurations (indices refer to them); `documents` and
+        `recent_questions`: an entry id's document (None if its text is unknown) and the
+        questions users recently asked about it (the server passes its own lookups)."""
+        self.model, self.configs = model, configs
+        self.documents, self.recent_questions = documents, recent_questions
+        self.answer_tokens, self.probes = answer_tokens, probes
 
     def questions(self, entry: Entry, document: Document) -> list[str]:
         opening = " ".join(document.text.split()[:6])
-        return [*self.probes, f"What does the document say about {opening}?", *self.service.recent_questions(entry.id)]
+        return [*self.probes, f"What does the document say about {opening}?", *self.recent_questions(entry.id)]
 
     def __call__(self, entry: Entry, configs: list[int]) -> dict[int, float]:
-        document = self.service.documents.get(entry.id)
+        document = self.documents(entry.id)
         if document is None or not document.text:
             return {}
         scores = self.per_question(document, self.questions(entry, document), configs)
@@ -81,7 +93,7 @@ class AgreementProfiler:
 
     def per_question(self, document: Document, questions: list[str], configs: list[int]) -> dict[int, list[float]]:
         """Each configuration's agreement with the full cache, one score per question it answered."""
-        model = self.service.model
+        model = self.model
         reads: dict[tuple[str, float], Compressed] = {}
 
         def read(config: Config) -> Compressed:
@@ -101,13 +113,13 @@ class AgreementProfiler:
                 references.append((ids, answer))
         scores = {}
         for index in configs:
-            config = self.service.manager.configs[index]
+            config = self.configs[index]
             compressed = quantized_copy(read(config), config.kv_dtype)
             scores[index] = [self._agreement(compressed, ids, answer) for ids, answer in references]
         return scores
 
     def _agreement(self, compressed: Compressed, question_ids: list[int], answer: list[int]) -> float:
         ids = question_ids + answer[:-1]  # the answer's last token is predicted, never read
-        logits = continuation_logits(self.service.model, compressed.cache, ids)  # [n, V]
+        logits = continuation_logits(self.model, compressed.cache, ids)  # [n, V]
         predicted = logits[len(question_ids) - 1 :].argmax(-1).tolist()  # [len(answer)]
         return sum(p == t for p, t in zip(predicted, answer)) / len(answer)

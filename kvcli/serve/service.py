@@ -1,7 +1,11 @@
 """The model side of `kvcli serve`: one loaded model, the cache manager, and the physical
 copies its placement asks for (memory tiers hold caches on their device, the disk tier is
-the kvcli store). No HTTP here: kvcli.serve.server puts this behind the JSON API, and tests
-call it directly.
+the kvcli store). No HTTP here: kvcli.serve.server checks request bodies into the typed
+requests of kvcli.serve.requests and puts this behind the JSON API; tests call it directly.
+
+Concurrency: `reserve` takes a place in the bounded queue (or raises Busy), `lock` is the
+model's turn. A request reads its document (`read_document`) after reserving and before
+taking the lock, so a slow or stuck file never holds the model.
 """
 
 from __future__ import annotations
@@ -25,17 +29,20 @@ from kvcli.store import persist
 from kvcli.api import Generation
 from kvcli.compress.reading import Compressed
 from kvcli.cache import CompressedCache, LayerCache
-from kvcli.store.kvcfile import atomic_write, read_header, save_cache
+from kvcli.store.header import DocumentInfo, KvcHeader
+from kvcli.store.kvcfile import atomic_write, pid_alive, read_header, save_cache
 from kvcli.documents import Document, PageSpan, load_document
 from kvcli.errors import KvcliError
 from kvcli.serve.manager import NOWHERE, CacheManager, CacheShape, Config, Entry
 from kvcli.compress.methods import make_press
 from kvcli.models import LoadedModel
 from kvcli.serve.profiling import AgreementProfiler, press_for, quantized_copy
+from kvcli.serve.requests import AskRequest, CompressRequest, DocumentSource
 from kvcli.prompts import PromptLayout
 
 DEFAULT_MAX_PENDING = 8  # requests running or queued for the model; the next gets 503
 RECENT_QUESTIONS = 4  # users' questions kept per document as probes for its next profile
+SET_ASIDE = "set-aside"  # store subfolder where unreadable files found at startup are moved
 _HEX_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
@@ -67,18 +74,7 @@ def to_device(compressed: Compressed, device: torch.device) -> Compressed:
 def _writer_alive(temp_name: str) -> bool:
     """Whether the process named in a temp file `.NAME.tmp-PID-...` still runs (True if unsure)."""
     match = re.search(r"\.tmp-(\d+)", temp_name)
-    if not match:
-        return True
-    pid = int(match.group(1))
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
+    return True if not match else pid_alive(int(match.group(1)))
 
 
 def entry_id(model: LoadedModel, document_sha256: str) -> str:
@@ -103,8 +99,23 @@ class ModelService:
         self.questions: dict[str, deque[str]] = {}  # id -> recent questions (probes of the next profile)
         self.asked_since_profile: set[str] = set()
         self.last_request = time.monotonic()
+        self.warnings: list[str] = []  # for the operator (kvcli serve prints them): e.g. files set aside
         if profile and manager.profiler is None:
-            manager.profiler = AgreementProfiler(self)
+            manager.profiler = self.profiler()
+
+    def warn(self, message: str, keep: int = 100) -> None:
+        self.warnings.append(message)
+        del self.warnings[:-keep]
+
+    def profiler(self, **options) -> AgreementProfiler:
+        """An AgreementProfiler over this service's model, configurations, texts and users' questions."""
+        return AgreementProfiler(
+            self.model, self.manager.configs, documents=self.known_text, recent_questions=self.recent_questions, **options
+        )
+
+    def known_text(self, eid: str) -> Document | None:
+        document = self.documents.get(eid)
+        return document if document is not None and document.text else None
 
     @classmethod
     def shape_of(cls, model: LoadedModel) -> CacheShape:
@@ -116,34 +127,41 @@ class ModelService:
     def store(self) -> Path:
         return persist.store_dir()
 
-    @contextmanager
-    def turn(self):
-        """A place in the bounded queue, then the model: raises Busy when the queue is full."""
+    def reserve(self) -> None:
+        """A place in the bounded queue of requests for the model: raises Busy when it is full."""
         with self._pending_lock:
             if self.pending >= self.max_pending:
                 raise Busy(f"server busy: {self.pending} requests already waiting for the model; retry later")
             self.pending += 1
+
+    def release(self) -> None:
+        with self._pending_lock:
+            self.pending -= 1
+        self.last_request = time.monotonic()
+
+    @contextmanager
+    def turn(self):
+        """A place in the bounded queue, then the model: raises Busy when the queue is full."""
+        self.reserve()
         try:
             with self.lock:
                 yield
         finally:
-            with self._pending_lock:
-                self.pending -= 1
-            self.last_request = time.monotonic()
+            self.release()
 
     # ---- documents and entries ---------------------------------------------------------
 
-    def document(self, body: dict) -> Document:
-        path, text = body.get("document"), body.get("text")
-        if (path is None) == (text is None):
-            raise KvcliError("give exactly one of 'document' (a path) or 'text'")
-        if path is not None:
-            if not isinstance(path, str) or not path:
-                raise KvcliError("'document' must be a file path")
-            return load_document(path, password=body_field(body, "password", str, None))
-        if not isinstance(text, str):
-            raise KvcliError("'text' must be a string")
-        return load_document("-", stdin=io.BytesIO(text.encode("utf-8")))
+    @staticmethod
+    def read_document(source: DocumentSource) -> Document | None:
+        """The request's document, read and parsed (call it before taking the model's lock).
+
+        None for a .kvc path: `ask` answers from that file.
+        """
+        if source.path is not None:
+            if persist.is_cache_file(source.path):
+                return None
+            return load_document(source.path, password=source.password)
+        return load_document("-", stdin=io.BytesIO(source.text.encode("utf-8")))
 
     def _sidecar(self, eid: str) -> Path:
         return self.store / "documents" / f"{eid}.json"
@@ -159,8 +177,9 @@ class ModelService:
             record = {"name": document.name, "sha256": document.sha256, "pages": pages, "text": document.text}
             try:
                 sidecar = self._sidecar(eid)
-                sidecar.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(sidecar, json.dumps(record).encode())
+                persist.ensure_store_dir()
+                sidecar.parent.mkdir(mode=persist.STORE_DIR_MODE, exist_ok=True)
+                atomic_write(sidecar, json.dumps(record).encode(), mode=persist.STORE_FILE_MODE)
             except (OSError, KvcliError) as exc:  # e.g. a full disk: answering matters more than surviving a restart
                 saved = f"could not save its text for a restart: {exc}"
             self.documents[eid] = document
@@ -228,8 +247,8 @@ class ModelService:
             "quality": {self.manager.configs[i].name: q for i, q in entry.quality.items()},
             "profiled": entry.profiled,
         }
-        self.store.mkdir(parents=True, exist_ok=True)
-        save_cache(path, compressed.cache, header, kv_dtype=config.kv_dtype)
+        persist.ensure_store_dir()
+        save_cache(path, compressed.cache, header, kv_dtype=config.kv_dtype, mode=persist.STORE_FILE_MODE)
         return path
 
     def _forget_disk(self, eid: str) -> None:
@@ -304,29 +323,25 @@ class ModelService:
     # ---- restart: the disk tier is found again --------------------------------------------
 
     def rediscover(self) -> int:
-        """Adopt the store's .kvc files made by this model in a known configuration."""
+        """Adopt the store's .kvc files made by this model in a known configuration.
+
+        A file whose header cannot be read or lacks what adoption needs (damaged, nested too
+        deeply, fields missing or mistyped) is moved to the store's `set-aside` folder with a
+        warning in `self.warnings`: one bad file never stops the server from starting, and
+        nothing is deleted.
+        """
         names = {c.name: i for i, c in enumerate(self.manager.configs)}
-        compute = str(self.model.dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16")
         adopted = 0
         for path in sorted(self.store.glob("*.kvc")):
             try:
-                header = read_header(path)
-            except KvcliError:
-                continue  # unreadable: `kvcli cache list` shows it, we do not touch it
-            if header.get("model", {}).get("fingerprint") != self.model.fingerprint:
+                found = self._adoptable(path, names)
+            except (KvcliError, KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError) as exc:
+                self._set_aside(path, exc)
                 continue
-            method = header.get("method", {})
-            kv = "auto" if header.get("kv_dtype") == compute else header.get("kv_dtype")
-            ratio = 1.0 if method.get("method") == "full" else method.get("ratio")
-            if ratio is None:
-                continue
-            name = Config(method.get("method"), float(ratio), kv).name
-            managed = header.get("manager", {}) if isinstance(header.get("manager"), dict) else {}
-            index = names.get(managed.get("config", name), names.get(name))
-            if index is None:
-                continue
-            doc = header["document"]
-            eid = entry_id(self.model, doc["sha256"])
+            if found is None:
+                continue  # another model's, or a configuration this server does not use
+            eid, index, header = found
+            doc = header.document
             if eid in self.disk:  # two copies: a kill between writing one and deleting the other
                 keep, spare = sorted([self.disk[eid], (index, path)], key=lambda held: held[0])  # lighter first
                 self._delete_if_managed(spare[1])
@@ -334,8 +349,9 @@ class ModelService:
                     continue
                 self.manager.entries.pop(eid, None)  # adopt this lighter copy instead
                 adopted -= 1
+            managed = header.manager or {}
             self.documents[eid] = self._document_from(eid, doc)
-            entry = Entry(eid, doc["name"], int(doc["tokens"]), len(header.get("prefix_ids", [])))
+            entry = Entry(eid, doc.name, doc.tokens, len(header.prefix_ids))
             entry.recompressible = bool(self.documents[eid].text)
             quality = managed.get("quality", {})
             entry.quality = {names[n]: float(q) for n, q in quality.items() if n in names}
@@ -348,22 +364,64 @@ class ModelService:
         self.rebalance()  # the disk tier may be smaller than last time
         return adopted
 
+    def _adoptable(self, path: Path, names: dict[str, int]) -> tuple[str, int, KvcHeader] | None:
+        """(entry id, config index, header) of a store file this server can adopt, None if it
+        is not one of its (another model, a bare cache, another configuration); raises if the
+        header is bad (read_header checks every field it types; `manager` is ours to check)."""
+        header = read_header(path)
+        if header.model is None or header.model.fingerprint != self.model.fingerprint:
+            return None
+        if header.document is None or header.method is None or header.prefix_ids is None:
+            return None
+        compute = str(self.model.dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16")
+        method = header.method
+        kv = "auto" if header.kv_dtype == compute else header.kv_dtype
+        ratio = 1.0 if method.method == "full" else method.ratio
+        if ratio is None:
+            return None
+        name = Config(method.method, float(ratio), kv).name
+        managed = header.manager or {}
+        config = managed.get("config", name)
+        quality = managed.get("quality", {})
+        if not isinstance(config, str) or not isinstance(quality, dict) or not all(
+            isinstance(q, (int, float)) and not isinstance(q, bool) and 0.0 <= q <= 1.0 for q in quality.values()
+        ):
+            raise KvcliError("its server bookkeeping (header field manager) is malformed")
+        index = names.get(config, names.get(name))
+        if index is None:
+            return None
+        return entry_id(self.model, header.document.sha256), index, header
+
+    def _set_aside(self, path: Path, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, KvcliError) else f"its header is unusable ({type(exc).__name__}: {exc})"
+        target = self.store / SET_ASIDE / path.name
+        try:
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            os.replace(path, target)
+        except OSError as error:
+            self.warn(f"{path.name} in the store is unusable ({reason[:300]}) and could not be set aside: {error.strerror or error}")
+            return
+        self.warn(f"set aside {path.name} (moved to {target}): {reason[:300]}")
+
     def _delete_if_managed(self, path: Path) -> None:
         """Remove a redundant copy this server wrote; files of `kvcli ask --reuse` stay."""
         try:
-            if isinstance(read_header(path).get("manager"), dict):
+            if read_header(path).manager is not None:
                 path.unlink(missing_ok=True)
         except KvcliError:
             pass
 
-    def _document_from(self, eid: str, doc: dict) -> Document:
+    def _document_from(self, eid: str, doc: DocumentInfo) -> Document:
+        """The document of a file found at startup: its text from the sidecar (if it is there,
+        readable and of this very document), else only what the header says (no text)."""
         sidecar = self._sidecar(eid)
         try:
             record = json.loads(sidecar.read_text(encoding="utf-8"))
-            return Document(record["name"], record["text"], record["sha256"], [PageSpan(*p) for p in record["pages"]])
-        except (OSError, ValueError, KeyError, TypeError):
-            pages = [PageSpan(*p) for p in doc.get("pages", [])] or [PageSpan(1, 0, 0)]
-            return Document(doc["name"], "", doc["sha256"], pages)
+            if record["sha256"] == doc.sha256 and isinstance(record["text"], str):
+                return Document(record["name"], record["text"], record["sha256"], [PageSpan(*p) for p in record["pages"]])
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            pass
+        return Document(doc.name, "", doc.sha256, [PageSpan(*p) for p in doc.pages] or [PageSpan(1, 0, 0)])
 
     def _sweep(self, older_than: float = 3600.0) -> None:
         """At startup: temp files of writes killed mid-way (their writer, the pid in the name, is
@@ -381,32 +439,30 @@ class ModelService:
 
     # ---- requests (call inside `turn()`) ---------------------------------------------------
 
-    def ask(self, body: dict, on_text: Callable[[int, str], None] | None) -> dict:
-        """Answer; call `after_request` once the reply is sent (it profiles and rebalances)."""
-        questions = body.get("questions", [body["question"]] if "question" in body else None)
-        if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
-            raise KvcliError("give 'question' (a string) or 'questions' (a list of strings)")
-        generation = Generation(
-            max_new_tokens=body_field(body, "max_new_tokens", int, api.DEFAULT_MAX_NEW_TOKENS),
-            temperature=body_field(body, "temperature", float, 0.0),
-            seed=body_field(body, "seed", int, None),
-        )
+    def ask(self, request: AskRequest, document: Document | None, on_text: Callable[[int, str], None] | None) -> dict:
+        """Answer `request` about `document` (from `read_document`; None: its .kvc file).
+
+        Call inside `turn()`, then `after_request` once the reply is sent (it profiles and
+        rebalances). Returns the "done" event: {"done", "answer" (the first), "answers" (one
+        kvcli.api.report record per question, the shape of `kvcli ask --json`), "placement"}.
+        """
+        generation = Generation(max_new_tokens=request.max_new_tokens, temperature=request.temperature, seed=request.seed)
         started = time.perf_counter()
-        path = body.get("document")
-        if isinstance(path, str) and persist.is_cache_file(path):
-            compressed, header = persist.load(self.model, path)
-            answers = api.answer(self.model, compressed, questions, generation, on_text=on_text, started=started)
-            return self._report(answers, compressed, {"served_from": "file"}, header["document"])
-        document = self.document(body)
-        if not body_field(body, "reuse", bool, True):
-            press = _press(body, "ada-snapkv")
-            aware = len(questions) == 1 and not body_field(body, "agnostic", bool, False)
-            compressed = api.read(self.model, document, press, question=questions[0] if aware else None, headroom_tokens=generation.max_new_tokens)
-            answers = api.answer(self.model, compressed, questions, generation, on_text=on_text, started=started)
+        if document is None:
+            compressed, header = persist.load(self.model, request.source.path)
+            answers = self._answer(compressed, request.questions, generation, on_text, started)
+            return self._report(answers, compressed, {"served_from": "file"}, header.document.as_dict())
+        if not request.reuse:
+            press = make_press(request.method, ratio=request.ratio, budget=request.budget)
+            aware = len(request.questions) == 1 and not request.agnostic
+            compressed = api.read(
+                self.model, document, press, question=request.questions[0] if aware else None, headroom_tokens=generation.max_new_tokens
+            )
+            answers = self._answer(compressed, request.questions, generation, on_text, started)
             return self._report(answers, compressed, {"served_from": "text"}, api.document_info(document))
         entry = self.entry_for(document)
         entry, served_from, served_config = self.manager.access(entry.id)
-        self.questions.setdefault(entry.id, deque(maxlen=RECENT_QUESTIONS)).extend(questions)
+        self.questions.setdefault(entry.id, deque(maxlen=RECENT_QUESTIONS)).extend(request.questions)
         self.asked_since_profile.add(entry.id)
         try:
             compressed = self.materialize(entry)
@@ -414,7 +470,7 @@ class ModelService:
             self.rebalance()
             raise
         loaded = time.perf_counter()
-        answers = api.answer(self.model, compressed, questions, generation, on_text=on_text, started=started)
+        answers = self._answer(compressed, request.questions, generation, on_text, started)
         placement = {
             "served_from": served_from,
             "config": self.manager.configs[served_config if served_from != NOWHERE else 0].name,
@@ -422,30 +478,27 @@ class ModelService:
         }
         return self._report(answers, compressed, placement, api.document_info(document))
 
-    def _report(self, answers: list[api.Answer], compressed: Compressed, placement: dict, document: dict) -> dict:
-        first = answers[0]
-        stats = compressed.stats()
-        return {
-            "done": True,
-            "answer": first.answer,
-            "answers": [{"question": a.question, "answer": a.answer, "tokens": a.tokens} for a in answers],
-            "model": {"name": self.model.name, "device": str(self.model.device)},
-            "document": {"name": document["name"], "sha256": document["sha256"], "tokens": compressed.document_tokens},
-            "timings": {
-                "ttft_seconds": round(first.ttft_seconds, 4),
-                "decode_tokens_per_second": round(first.decode_tokens_per_second, 2),
-                "prefill_seconds": round(compressed.prefill.prefill_seconds, 4) if compressed.prefill else 0.0,
-                "new_tokens": first.tokens,
-                **placement,
-            },
-            "cache": {k: stats[k] for k in ("method", "ratio", "kept_fraction", "compressed_bytes", "document_tokens")},
-        }
+    def _answer(self, compressed: Compressed, questions, generation: Generation, on_text, started: float) -> list[api.Answer]:
+        """One question after another over the one cache: each decodes on a single working
+        copy, released before the next, so memory does not grow with the number of questions
+        (a batch would hold one copy per question)."""
+        answers = []
+        for index, question in enumerate(questions):
+            emit = None if on_text is None else (lambda _, text, index=index: on_text(index, text))
+            answers.extend(api.answer(self.model, compressed, [question], generation, on_text=emit, started=started))
+        return answers
 
-    def compress(self, body: dict) -> dict:
-        """Write a .kvc (with 'output') or add the document to the manager (call `after_request`)."""
-        document = self.document(body)
-        output = body_field(body, "output", str, None)
-        if output is None:
+    def _report(self, answers: list[api.Answer], compressed: Compressed, placement: dict, document: dict) -> dict:
+        records = [api.report(self.model, document, compressed, a) for a in answers]
+        for record in records:  # what `kvcli ask --json` adds to api.report (kvcli.cli.main); the client adds its wall time
+            record["precision"] = self.model.precision.describe()
+        return {"done": True, "answer": answers[0].answer, "answers": records, "placement": placement}
+
+    def compress(self, request: CompressRequest, document: Document | None) -> dict:
+        """Write a .kvc (with `output`) or add the document to the manager (call `after_request`)."""
+        if document is None:
+            raise KvcliError(f"{request.source.path[:200]} is already a compressed cache; give the document itself")
+        if request.output is None:
             entry = self.entry_for(document)
             self.manager.access(entry.id)
             try:
@@ -453,16 +506,15 @@ class ModelService:
             finally:
                 self.rebalance()
             return {"entry": next(r for r in self.manager.listing() if r["id"] == entry.id)}
-        if not output.endswith(".kvc"):
-            raise KvcliError(f"'output' must be a path ending in .kvc (got {output[:200]!r})")
-        compressed, written = persist.compress(self.model, document, _press(body, "kvzip"), output, kv_dtype=body_field(body, "kv_dtype", str, "auto"))
-        return {"output": output, "bytes": written, "document": api.document_info(document), "cache": compressed.stats()}
+        press = make_press(request.method, ratio=request.ratio, budget=request.budget)
+        compressed, written = persist.compress(self.model, document, press, request.output, kv_dtype=request.kv_dtype)
+        return {"output": request.output, "bytes": written, "document": api.document_info(document), "cache": compressed.stats()}
 
     def after_request(self) -> None:
         """Once a reply is out: profile documents added since ("profiled when added"), then
         settle placement (overflows resolved, files written), off the request's critical path."""
         if self.manager.profiler is not None:
-            fresh = [e for e in list(self.manager.entries.values()) if not e.profiled and self.documents.get(e.id) and self.documents[e.id].text]
+            fresh = [e for e in list(self.manager.entries.values()) if not e.profiled and self.known_text(e.id)]
             for entry in fresh:
                 self.asked_since_profile.discard(entry.id)  # its questions so far are among the probes
                 try:
@@ -518,7 +570,7 @@ class ModelService:
             return None
         try:
             now = self.manager.clock()
-            due = [e for e in list(self.manager.entries.values()) if self.documents.get(e.id) and self.documents[e.id].text
+            due = [e for e in list(self.manager.entries.values()) if self.known_text(e.id)
                    and (not e.profiled or e.id in self.asked_since_profile or now - e.profiled_at > stale_seconds)]
             if not due:
                 return None
@@ -529,25 +581,3 @@ class ModelService:
             return entry.id
         finally:
             self.lock.release()
-
-
-_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
-def body_field(body: dict, key: str, kind: type, default):
-    """body[key] checked to be of `kind` (null or absent: `default`); a wrong type is a 400."""
-    value = body.get(key)
-    if value is None:
-        return default
-    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise KvcliError(f"'{key}' must be {_KINDS[kind]}")
-    return float(value) if kind is float else value
-
-
-def _press(body: dict, default_method: str):
-    return make_press(
-        body_field(body, "method", str, default_method), ratio=body_field(body, "ratio", float, None), budget=body_field(body, "budget", int, None)
-    )

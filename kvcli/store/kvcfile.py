@@ -12,8 +12,9 @@ Layout (a valid safetensors file, loadable without running any code):
     layer.{i}.keys.zeros  fp16 [total, Dp/32]  (int4 only: the per-group offset)
     (same for values)
 
-The safetensors metadata holds {"kvcli": json} = the caller's header plus the keys this
-module adds (format, format_version, checksum, lengths, ...) and `header_checksum`, a
+The safetensors metadata holds {"kvcli": json}: the header (kvcli.store.header.KvcHeader,
+the one place it is read, checked and written) = the caller's content plus the fields
+this module adds (format, format_version, checksum, lengths, ...) and `header_checksum`, a
 sha256 over the canonical JSON of the header itself, so any flipped byte is reported,
 never loaded. `checksum` covers the bytes of every tensor:
 
@@ -26,55 +27,81 @@ never loaded. `checksum` covers the bytes of every tensor:
 The two schemes give different digests for the same bytes and format_version is under
 `header_checksum`, so a file cannot pass one scheme's check with the other's digest.
 
-Loading reads the data section once into one buffer (parallel preads on the one open
-file, so a concurrent atomic replace cannot mix two files), views the tensors in place,
-uploads each layer's rows as stored (one copy per tensor), and builds the flat layout
-with headroom (and dequantizes int8/int4) on the target device. The returned cache is
-only handed back once the checksum has been verified.
+Loading treats the file as hostile until proven otherwise, because `kvcli ask FILE.kvc`
+and the server's /ask take any path: the tensor table must tile the data section exactly
+(no overlap, no gap, every tensor aligned to its element size, shapes matching the
+header's lengths), the header's layer / KV head / head_dim counts must match the model
+when one is given, and the data checksum is verified before anything but the one read
+buffer (the file's own size) is allocated. Only then are the rows uploaded and the flat
+layout built with headroom (and int8/int4 dequantized) on the target device. Headroom is
+a decoding convenience (LayerCache.reserve grows it on demand), so its allocation is
+capped by the kept rows' size (or HEADROOM_FLOOR_BYTES): a file of empty heads cannot
+turn a few bytes into gigabytes.
 
-Writes are atomic: a temp file in the same directory, fsync, os.replace, fsync of the
-directory. A crash, a Ctrl-C or a full disk leaves the previous file untouched.
+Writes are atomic: a temp file in the same directory (O_EXCL|O_NOFOLLOW, private while
+written), fsync, os.replace, fsync of the directory. A crash, a Ctrl-C or a full disk
+leaves the previous file untouched; a replaced file keeps its mode; temp files left by a
+killed writer are swept by the next write into the directory.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
+import re
 import secrets
+import stat
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 import kvcli
 from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.errors import KvcliError
+from kvcli.store import header as kvc_header
+from kvcli.store.header import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, KvcHeader
 from kvcli.store.quantize import dequantize, quantize
 
-FORMAT = "kvcli-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "GROUP_SIZE", "KV_DTYPES", "KvcHeader",
+    "atomic_write", "save_cache", "read_header", "load_cache", "sweep_stale_temps",
+]
+
 METADATA_KEY = "kvcli"
 # Values per quantization group along head_dim: divides every common head_dim (64, 96,
 # 128, 256; others are zero-padded), keeps the fp16 scale overhead at 0.5 bit per value
 # (int4 with its offset: 1 bit), and confines an outlier channel to its 32 neighbours.
 # Same choice as llama.cpp's Q8_0/Q4_1 blocks.
 GROUP_SIZE = 32
-# safetensors refuses headers over 100 MB; anything bigger is not one of our files.
-MAX_HEADER_BYTES = 100_000_000
+# Our safetensors headers are a few KB (the tensor table plus the kvcli JSON: lengths,
+# prefix ids, one span per page); 16 MiB holds a document of ~500,000 pages and bounds
+# the JSON parse (and its depth check) of a hostile file.
+MAX_HEADER_BYTES = 16 << 20
 WRITE_CHUNK = 8 << 20
 # Reads are cut into pieces of this size so every core has some to do.
 READ_CHUNK = 16 << 20
+# Headroom may take up to the kept rows' own size, or this much when they are smaller:
+# 64 MiB is the default 512 rows for an 8B-shaped cache (32 layers x 8 heads x 128 x bf16),
+# and a longer conversation grows it (LayerCache.reserve) exactly as it would anyway.
+HEADROOM_FLOOR_BYTES = 64 << 20
+# A killed writer's temp file is swept once its process is gone and it has not been
+# written for this long: a writer on another host sharing the directory (its pid means
+# nothing here) keeps touching its file while it writes.
+STALE_TEMP_SECONDS = 60.0
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_BITS = {"int8": 8, "int4": 4}
+_BITS = kvc_header.QUANT_BITS
 KV_DTYPES = ("auto", *_DTYPES, *_BITS)
 # safetensors dtype codes we accept, and their element sizes.
 _ST_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I8": 1, "U8": 1}
+_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+_TEMP_NAME = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]{12}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,12 +150,6 @@ def _checksum(chunks: dict[str, memoryview | bytes], version: int = FORMAT_VERSI
     return _checksum_v1(chunks) if version == 1 else _checksum_v2(chunks)
 
 
-def _header_checksum(header: dict) -> str:
-    body = {k: v for k, v in header.items() if k != "header_checksum"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _used_rows(layer: LayerCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch row 0's rows in use, head after head: keys, values [total, D], positions [total], lengths [Hkv]."""
     lengths = layer.lengths[0].detach().to("cpu", torch.int32)
@@ -144,6 +165,9 @@ def _used_rows(layer: LayerCache) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     values = layer.values[0].detach().to("cpu")[index]
     positions = layer.positions[0].detach().to("cpu", torch.int32)[index]
     return keys, values, positions, lengths
+
+
+# --------------------------------------------------------------------------- atomic writes
 
 
 def _write_chunks(fileobj, data: bytes) -> None:
@@ -166,20 +190,80 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_temps(directory: str | os.PathLike, older_than: float = STALE_TEMP_SECONDS) -> list[str]:
+    """Remove the temp files (`.NAME.tmp-PID-HEX`) of writers killed mid-write.
+
+    Only our own files, whose writer's pid no longer runs and that were last written more
+    than `older_than` seconds ago; never a file under its final name (nothing loads a temp
+    file, so removing one loses nothing). Returns the names removed.
+    """
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if not match:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if (
+                stat.S_ISREG(info.st_mode)
+                and info.st_uid == os.geteuid()
+                and now - info.st_mtime > older_than
+                and not pid_alive(int(match.group(1)))
+            ):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            pass  # gone already, or not ours to remove
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
     """Write `data` to `path` via a same-directory temp file, fsync, os.replace and a directory
     fsync: a crash, Ctrl-C or full disk leaves the old file or the new one, never a mix.
-    Failures are one-line KvcliErrors naming the path."""
+
+    The file's mode: an existing regular file's own (a 0600 file stays 0600); else `mode`
+    (the store passes 0600); else the user's umask default, as `open` would give. The temp
+    file is created O_EXCL|O_NOFOLLOW (a planted link is never written through) and is
+    private until it gets its final mode. Stale temp files of killed writers in the same
+    directory are swept first. Failures are one-line KvcliErrors naming the path.
+    """
+    path = Path(path)
     directory = path.parent
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
+    sweep_stale_temps(directory)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        existing = os.lstat(path)
+        keep = stat.S_IMODE(existing.st_mode) if stat.S_ISREG(existing.st_mode) else mode
+    except OSError:
+        keep = mode
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o600 if keep is not None else 0o666)
     except OSError as e:
         raise _write_error(path, e, len(data)) from e
     try:
         with os.fdopen(fd, "wb") as fileobj:
             _write_chunks(fileobj, data)
             fileobj.flush()
+            if keep is not None:
+                os.fchmod(fileobj.fileno(), keep)
             os.fsync(fileobj.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -202,13 +286,16 @@ def _write_error(path: Path, e: OSError, size: int) -> KvcliError:
 # --------------------------------------------------------------------------- save
 
 
-def save_cache(path: str | os.PathLike, cache: CompressedCache, header: dict, *, kv_dtype: str = "auto") -> int:
+def save_cache(
+    path: str | os.PathLike, cache: CompressedCache, header: dict, *, kv_dtype: str = "auto", mode: int | None = None
+) -> int:
     """Write batch row 0 of `cache` (only the rows in use) to `path` as a .kvc file.
 
     kv_dtype: "auto" (the cache's dtype), "bf16", "fp16", "fp32" (cast), or "int8" /
-    "int4" (lossy, per group of 32 along head_dim, see kvcli.store.quantize). `header` is any
-    JSON-serializable dict; it is stored with the keys this module adds (which win on a
-    clash). Returns the number of bytes written. Atomic: see the module docstring.
+    "int4" (lossy, per group of 32 along head_dim, see kvcli.store.quantize). `header` is
+    the caller's content (model, document, method, ... or any JSON object), checked by
+    KvcHeader together with the fields this module adds (which win on a clash). mode: the
+    new file's mode (see atomic_write). Returns the number of bytes written. Atomic.
     """
     path = Path(path)
     if kv_dtype not in KV_DTYPES:
@@ -247,10 +334,8 @@ def save_cache(path: str | os.PathLike, cache: CompressedCache, header: dict, *,
             if bits == 4:
                 tensors[f"layer.{i}.{name}.zeros"] = parts[2].contiguous()
 
-    full = json.loads(json.dumps(header))  # a copy, normalised as it will read back
-    full.update(
-        format=FORMAT,
-        format_version=FORMAT_VERSION,
+    full = KvcHeader.for_cache(
+        header,
         kvcli_version=kvcli.__version__,
         kv_dtype=kv_dtype,
         source_dtype=_DTYPE_NAMES[source_dtype],
@@ -262,12 +347,11 @@ def save_cache(path: str | os.PathLike, cache: CompressedCache, header: dict, *,
         lengths=lengths_all,
         checksum=_checksum({name: _tensor_bytes(t) for name, t in tensors.items()}),
     )
-    full["header_checksum"] = _header_checksum(full)
 
     from safetensors.torch import save as st_save
 
-    data = st_save(tensors, metadata={METADATA_KEY: json.dumps(full, ensure_ascii=True)})
-    atomic_write(path, data)
+    data = st_save(tensors, metadata={METADATA_KEY: full.to_json()})
+    atomic_write(path, data, mode=mode)
     return len(data)
 
 
@@ -275,21 +359,86 @@ def save_cache(path: str | os.PathLike, cache: CompressedCache, header: dict, *,
 
 
 def _open(path: Path):
-    if not path.exists():
-        raise KvcliError(f"{path} does not exist")
-    if not path.is_file():
-        raise KvcliError(f"{path} is not a file")
+    """Open for reading without blocking (a FIFO named .kvc must not hang us) and check,
+    on the open file itself, that it is a regular file."""
     try:
-        return open(path, "rb", buffering=0)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise KvcliError(f"{path} does not exist") from None
     except OSError as e:
-        raise KvcliError(f"cannot read {path}: {e.strerror or e}") from e
+        raise KvcliError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError:  # a NUL byte in the path (the server gets paths as JSON)
+        raise KvcliError(f"cannot read {str(path)!r}: a path cannot contain a NUL byte") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KvcliError(f"{path} is not a file")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def _parse(path: Path, f) -> tuple[dict, dict, int, int]:
-    """Validate the framing and kvcli header of the open file `f`.
+class _Tensor:
+    """One entry of the tensor table, checked: dtype code, shape, [begin, end) in the data."""
 
-    Returns (kvcli header, safetensors tensor table, data start, data length). Only the
-    header is read; the tensors are read later from the same open file.
+    __slots__ = ("dtype", "shape", "begin", "end")
+
+    def __init__(self, dtype: str, shape: list[int], begin: int, end: int):
+        self.dtype, self.shape, self.begin, self.end = dtype, shape, begin, end
+
+
+def _tensor_table(path: Path, table: dict) -> tuple[dict[str, _Tensor], int]:
+    """Check the safetensors tensor table; returns it typed and the data section's length.
+
+    What the safetensors format promises and a hostile file may break: every entry a known
+    dtype, a small shape and integer offsets whose span is exactly the shape's bytes;
+    every tensor aligned to its element size; together the tensors tile [0, end) with no
+    overlap and no gap (so no byte is read twice as two different tensors).
+    """
+
+    def corrupt(reason: str) -> KvcliError:
+        return KvcliError(f"{path} is corrupted: {reason}")
+
+    tensors: dict[str, _Tensor] = {}
+    for name, spec in table.items():
+        shown = _shown(name)
+        if not isinstance(spec, dict):
+            raise corrupt(f"bad tensor table entry {shown}")
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_SIZES:  # a list would not even hash
+            raise corrupt(f"tensor {shown} has unsupported dtype {kvc_header._show(dtype)}")
+        if not (isinstance(shape, list) and len(shape) <= 4 and all(type(s) is int and s >= 0 for s in shape)):
+            raise corrupt(f"tensor {shown} has a bad shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {shown} has bad data offsets")
+        numel = 1
+        for s in shape:
+            numel *= s
+        size = _ST_SIZES[dtype]
+        if offsets[1] - offsets[0] != numel * size:
+            raise corrupt(f"tensor {shown} has bad data offsets (its span is not its shape's size)")
+        if offsets[0] % size:
+            raise corrupt(f"tensor {shown} is misaligned (offset {offsets[0]} for {size}-byte elements)")
+        tensors[name] = _Tensor(dtype, shape, offsets[0], offsets[1])
+    end = 0
+    for name, t in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if t.begin != end:
+            shown = _shown(name)
+            raise corrupt(f"tensor {shown} {'overlaps another' if t.begin < end else 'leaves a gap before it'} (offset {t.begin})")
+        end = t.end
+    return tensors, end
+
+
+def _shown(name: str) -> str:
+    """A tensor name from the file, safe inside a one-line message."""
+    return name if name.isprintable() and len(name) <= 80 else repr(name[:80])
+
+
+def _parse(path: Path, f) -> tuple[KvcHeader, dict[str, _Tensor], int, int]:
+    """Validate the framing, tensor table and kvcli header of the open file `f`.
+
+    Returns (header, tensor table, data start, data length). Only the header is read;
+    the tensors are read later from the same open file.
     """
     try:
         size = os.fstat(f.fileno()).st_size
@@ -311,42 +460,26 @@ def _parse(path: Path, f) -> tuple[dict, dict, int, int]:
         raise KvcliError(f"{path} is truncated: {8 + len(raw)} bytes, expected at least {8 + header_len}")
     looks_ours = FORMAT.encode() in raw
     try:
-        table = json.loads(raw.decode("utf-8"))
+        table = kvc_header.loads(raw.decode("utf-8"))
         if not isinstance(table, dict):
             raise ValueError("the safetensors header is not an object")
     except (UnicodeDecodeError, ValueError) as e:
         if looks_ours:
-            raise KvcliError(f"{path} is corrupted: unreadable header ({e})") from None
+            raise KvcliError(f"{path} is corrupted: unreadable header ({kvc_header._brief(e)})") from None
         raise KvcliError(f"{path} is not a kvcli cache file") from None
     meta = table.pop("__metadata__", None)
-    if not isinstance(meta, dict) or METADATA_KEY not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get(METADATA_KEY), str):
         if looks_ours:
             raise KvcliError(f"{path} is corrupted: no kvcli header")
         raise KvcliError(f"{path} is not a kvcli cache file")
-    try:
-        header = json.loads(meta[METADATA_KEY])
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (TypeError, ValueError) as e:
-        raise KvcliError(f"{path} is corrupted: unreadable kvcli header ({e})") from None
-    if header.get("format") != FORMAT:
-        raise KvcliError(f"{path} is not a kvcli cache file")
-    version = header.get("format_version")
-    if type(version) is not int or version not in READABLE_VERSIONS:
-        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
-        raise KvcliError(f"{path} was written by format version {version}; this kvcli reads versions {readable}")
-    try:
-        end = max([int(spec["data_offsets"][1]) for spec in table.values()] or [0])
-    except (TypeError, KeyError, IndexError, ValueError) as e:
-        raise KvcliError(f"{path} is corrupted: bad tensor table ({e!r})") from None
+    tensors, end = _tensor_table(path, table)
     expected = 8 + header_len + end
     if size < expected:
         raise KvcliError(f"{path} is truncated: {size} bytes, expected {expected}")
     if size > expected:
         raise KvcliError(f"{path} is corrupted: {size} bytes, expected {expected} ({size - expected} trailing bytes)")
-    if header.get("header_checksum") != _header_checksum(header):
-        raise KvcliError(f"{path} is corrupted (header checksum mismatch)")
-    return header, table, 8 + header_len, end
+    header = KvcHeader.parse(meta[METADATA_KEY], str(path))
+    return header, tensors, 8 + header_len, end
 
 
 def _read_exactly(f, n: int) -> bytes:
@@ -360,19 +493,32 @@ def _read_exactly(f, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _check_model(path: Path, header: dict, expected_model: str | None, expected_name: str | None) -> None:
+def _check_model(path: Path, header: KvcHeader, expected_model: str | None, expected_name: str | None) -> None:
     if expected_model is None:
         return
-    model = header.get("model") if isinstance(header.get("model"), dict) else {}
-    found = str(model.get("fingerprint", ""))
+    found = header.model.fingerprint if header.model else ""
     if found == expected_model:
         return
-    name = model.get("name", "an unknown model")
+    name = header.model.name if header.model else "an unknown model"
     current = f"is {expected_name} ({expected_model[:12]}…)" if expected_name else f"has fingerprint {expected_model[:12]}…"
     raise KvcliError(f"{path} was made by model {name} (fingerprint {found[:12] or '?'}…); the current model {current}")
 
 
-def read_header(path: str | os.PathLike) -> dict:
+def _check_shape(path: Path, header: KvcHeader, expected: tuple[int, int, int] | None) -> None:
+    """The cache must fit the model before anything is allocated (else it fails mid-answer)."""
+    if expected is None:
+        return
+    layers, heads, head_dim = expected
+    heads_found = sorted({len(layer) for layer in header.lengths})
+    if header.num_layers != layers or heads_found != [heads] or header.head_dim != head_dim:
+        shown = "/".join(map(str, heads_found))
+        raise KvcliError(
+            f"{path} holds {header.num_layers} layers x {shown} KV heads x head_dim {header.head_dim}; "
+            f"the current model has {layers} x {heads} x {head_dim}; compress the document again for this model"
+        )
+
+
+def read_header(path: str | os.PathLike) -> KvcHeader:
     """The validated header of a .kvc file, without reading its tensors."""
     path = Path(path)
     with _open(path) as f:
@@ -387,39 +533,57 @@ def load_cache(
     dtype: torch.dtype | str | None = None,
     expected_model: str | None = None,
     expected_model_name: str | None = None,
+    expected_shape: tuple[int, int, int] | None = None,
+    accept: Callable[[KvcHeader], None] | None = None,
     headroom: int = DEFAULT_HEADROOM,
     pin_memory: bool | None = None,
-) -> tuple[CompressedCache, dict]:
+) -> tuple[CompressedCache, KvcHeader]:
     """Read a .kvc file back into a single-sequence CompressedCache with fresh headroom.
 
     dtype: the compute dtype of the returned keys/values (torch dtype or "fp16"/"bf16"/
     "fp32"); default: the stored dtype, or for int8/int4 files the dtype the cache had
     when it was saved (`source_dtype`). expected_model: the current model's fingerprint;
     a file made by another model is refused (expected_model_name only improves the message).
+    expected_shape: the model's (layers, KV heads, head_dim), checked before any allocation.
+    accept: the caller's own check of the header (raise KvcliError to refuse), run on the
+    same open file as the tensors, before any allocation.
+    headroom: free rows per head (capped, see HEADROOM_FLOOR_BYTES; decoding grows it).
     pin_memory: read into page-locked memory before a CUDA upload (default: see PIN_MEMORY).
     Every failure is a one-line KvcliError.
     """
     path = Path(path)
     with _open(path) as f:
-        header, table, data_start, data_len = _parse(path, f)
+        header, tensors, data_start, data_len = _parse(path, f)
         _check_model(path, header, expected_model, expected_model_name)
+        _check_shape(path, header, expected_shape)
+        if accept is not None:
+            accept(header)
         try:
-            return _build(path, header, table, f, data_start, data_len, device, dtype, headroom, pin_memory), header
+            return _build(path, header, tensors, f, data_start, data_len, device, dtype, headroom, pin_memory), header
         except KvcliError:
             raise
         except Exception as e:  # anything structural we did not foresee: never a traceback
-            raise KvcliError(f"{path} is corrupted: {type(e).__name__}: {e}") from None
+            raise KvcliError(f"{path} is corrupted: {type(e).__name__}: {kvc_header._brief(e)}") from None
 
 
-def _resolve_dtype(path: Path, dtype, header: dict) -> torch.dtype:
+def _resolve_dtype(path: Path, dtype, header: KvcHeader) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype
     if name is None:
-        name = header["source_dtype"] if header["kv_dtype"] in _BITS else header["kv_dtype"]
+        name = header.source_dtype if header.kv_dtype in _BITS else header.kv_dtype
     if name not in _DTYPES:
         raise KvcliError(f"{path}: unknown dtype {name!r}")
     return _DTYPES[name]
+
+
+def _headroom_rows(header: KvcHeader, compute: torch.dtype, requested: int) -> int:
+    """Free rows per head, so that headroom costs at most max(kept rows, the floor) bytes."""
+    heads = sum(len(layer) for layer in header.lengths)
+    row_bytes = heads * header.head_dim * 2 * torch.empty(0, dtype=compute).element_size()  # keys + values
+    kept = sum(sum(layer) for layer in header.lengths)
+    budget = max(kept * row_bytes // heads, HEADROOM_FLOOR_BYTES)
+    return max(0, min(int(requested), budget // row_bytes))
 
 
 # Read into page-locked memory before a CUDA upload: the upload then runs at PCIe speed
@@ -427,7 +591,6 @@ def _resolve_dtype(path: Path, dtype, header: dict) -> torch.dtype:
 # freed pinned blocks, so repeated loads in one process reuse it). H100, 0.8 GiB file, warm:
 # 0.08 s pinned vs 0.26 s pageable (BENCHMARKS.md, issue 4).
 PIN_MEMORY = True
-_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
 
 
 class _ReadError(KvcliError):
@@ -463,49 +626,21 @@ def _hash_after(reads, data: memoryview) -> str:
     return _tensor_digest(data)
 
 
-def _hash_v1_after(reads, chunks: dict[str, memoryview]) -> str:
-    _wait(reads)
-    return _checksum_v1(chunks)
-
-
-def _build(path, header, table, f, data_start, data_len, device, dtype, headroom, pin_memory) -> CompressedCache:
-    def corrupt(reason: str) -> KvcliError:
-        return KvcliError(f"{path} is corrupted: {reason}")
-
-    kv_dtype = header.get("kv_dtype")
-    if kv_dtype not in _DTYPES and kv_dtype not in _BITS:
-        raise corrupt(f"unknown kv_dtype {kv_dtype!r}")
-    bits = _BITS.get(kv_dtype)
-    num_layers = header["num_layers"]
-    head_dim = header["head_dim"]
-    lengths_all = header["lengths"]
-    if not (isinstance(num_layers, int) and num_layers > 0 and isinstance(head_dim, int) and head_dim > 0):
-        raise corrupt("bad num_layers / head_dim")
-    if not (isinstance(lengths_all, list) and len(lengths_all) == num_layers):
-        raise corrupt("lengths do not match num_layers")
-    group = padded = 0
-    if bits is not None:
-        quant = header.get("quantization") or {}
-        if quant.get("bits") != bits or not isinstance(quant.get("group_size"), int) or quant["group_size"] <= 0:
-            raise corrupt("bad quantization parameters")
-        group = quant["group_size"]
-        padded = -(-head_dim // group) * group
-    compute = _resolve_dtype(path, dtype, header)
-    device = torch.device(device)
-
-    # The exact tensor table we expect, checked before touching the data.
+def _expected_tensors(path: Path, header: KvcHeader) -> tuple[dict[str, tuple[str, list[int]]], list[list[str]]]:
+    """The exact tensor table the header implies: name -> (dtype code, shape), and per layer its names."""
+    bits = header.bits
+    group = header.quantization.group_size if header.quantization else 0
+    padded = -(-header.head_dim // group) * group if group else 0
     expected: dict[str, tuple[str, list[int]]] = {}
     layer_names: list[list[str]] = []
-    for i, lengths in enumerate(lengths_all):
-        if not (isinstance(lengths, list) and lengths and all(type(n) is int and n >= 0 for n in lengths)):
-            raise corrupt(f"bad lengths for layer {i}")
+    for i, lengths in enumerate(header.lengths):
         total = sum(lengths)
         names = [f"layer.{i}.lengths", f"layer.{i}.positions"]
         expected[names[0]] = ("I32", [len(lengths)])
         expected[names[1]] = ("I32", [total])
         for name in ("keys", "values"):
             if bits is None:
-                expected[f"layer.{i}.{name}"] = ({"fp32": "F32", "fp16": "F16", "bf16": "BF16"}[kv_dtype], [total, head_dim])
+                expected[f"layer.{i}.{name}"] = ({"fp32": "F32", "fp16": "F16", "bf16": "BF16"}[header.kv_dtype], [total, header.head_dim])
                 names.append(f"layer.{i}.{name}")
             else:
                 width = padded if bits == 8 else padded // 2
@@ -516,112 +651,100 @@ def _build(path, header, table, f, data_start, data_len, device, dtype, headroom
                     expected[f"layer.{i}.{name}.zeros"] = ("F16", [total, padded // group])
                     names.append(f"layer.{i}.{name}.zeros")
         layer_names.append(names)
-    missing = sorted(set(expected) - set(table))
-    extra = sorted(set(table) - set(expected))
+    return expected, layer_names
+
+
+def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, data_len, device, dtype, headroom, pin_memory) -> CompressedCache:
+    def corrupt(reason: str) -> KvcliError:
+        return KvcliError(f"{path} is corrupted: {reason}")
+
+    bits = header.bits
+    group = header.quantization.group_size if header.quantization else 0
+    compute = _resolve_dtype(path, dtype, header)
+    device = torch.device(device)
+
+    # The exact tensor table we expect, checked before touching the data: with it, every
+    # row count in the header is backed by bytes of the file.
+    expected, layer_names = _expected_tensors(path, header)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
     if missing:
         raise corrupt(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
-        raise corrupt(f"unexpected tensor {extra[0]}")
-    spans: dict[str, tuple[int, int]] = {}
+        raise corrupt(f"unexpected tensor {_shown(extra[0])}")
     for name, (st_dtype, shape) in expected.items():
-        spec = table[name]
-        if not isinstance(spec, dict) or spec.get("dtype") != st_dtype or spec.get("shape") != shape:
-            got = spec if not isinstance(spec, dict) else f"{spec.get('dtype')} {spec.get('shape')}"
-            raise corrupt(f"tensor {name} is {got}, expected {st_dtype} {shape}")
-        begin, end = spec["data_offsets"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len and end - begin == numel * _ST_SIZES[st_dtype]):
-            raise corrupt(f"tensor {name} has bad data offsets")
-        spans[name] = (begin, end)
+        t = tensors[name]
+        if t.dtype != st_dtype or t.shape != shape:
+            raise corrupt(f"tensor {name} is {t.dtype} {t.shape}, expected {st_dtype} {shape}")
 
-    # One buffer for the data section, filled by parallel preads of the one open file.
+    # One buffer for the data section (the file's own size), filled by parallel preads of
+    # the one open file and hashed as its pieces arrive; nothing else is allocated, on the
+    # host or the device, until every byte is verified.
     cuda = device.type == "cuda"
     pin = cuda and (PIN_MEMORY if pin_memory is None else bool(pin_memory))
     buf = torch.empty(data_len, dtype=torch.uint8, pin_memory=pin)
     raw = memoryview(buf.numpy()) if data_len else memoryview(bytearray())
-    chunks = {name: raw[b:e] for name, (b, e) in spans.items()}
-    version = header["format_version"]
+    chunks = {name: raw[t.begin : t.end] for name, t in tensors.items()}
     fd = f.fileno()
     pool = ThreadPoolExecutor(max_workers=_threads())
     try:
-        # Per layer: its reads, then (v2) the hash of each tensor once its reads are done.
         # Workers take tasks in order, so a hash task never waits on a read not yet taken.
         reads: dict[str, list] = {}
         hashes: dict[str, object] = {}
         for names in layer_names:
             for name in names:
-                begin, end = spans[name]
+                t = tensors[name]
                 reads[name] = [
-                    pool.submit(_pread_into, path, fd, raw, data_start, a, min(a + READ_CHUNK, end))
-                    for a in range(begin, end, READ_CHUNK)
+                    pool.submit(_pread_into, path, fd, raw, data_start, a, min(a + READ_CHUNK, t.end))
+                    for a in range(t.begin, t.end, READ_CHUNK)
                 ]
-            if version != 1:
-                for name in names:
+                if header.format_version != 1:
                     hashes[name] = pool.submit(_hash_after, reads[name], chunks[name])
-        if version == 1:
-            whole = pool.submit(_hash_v1_after, [r for rs in reads.values() for r in rs], chunks)
-
-        def tensor(name: str) -> torch.Tensor:
-            begin, end = spans[name]
-            st_dtype, shape = expected[name]
-            t = buf[begin:end]
-            if begin % _ST_SIZES[st_dtype]:
-                t = t.clone()  # misaligned (not written by safetensors): copy, then view
-            return t.view(_ST_TORCH[st_dtype]).view(shape)
-
-        def upload(t: torch.Tensor) -> torch.Tensor:
-            return t if device.type == "cpu" else t.to(device, non_blocking=pin)
-
-        layers: list[LayerCache] = []
-        problem: BaseException | None = None
-        try:
-            for i, (names, lengths) in enumerate(zip(layer_names, lengths_all)):
-                _wait(r for name in names for r in reads[name])
-                if tensor(f"layer.{i}.lengths").tolist() != lengths:
-                    raise corrupt(f"layer {i} lengths disagree with the header")
-                rows = {}
-                for name in ("keys", "values"):
-                    base = f"layer.{i}.{name}"
-                    if bits is None:
-                        rows[name] = upload(tensor(base))
-                    else:
-                        rows[name] = dequantize(
-                            upload(tensor(base)),
-                            upload(tensor(base + ".scales")),
-                            upload(tensor(base + ".zeros")) if bits == 4 else None,
-                            bits=bits,
-                            group_size=group,
-                            dim=head_dim,
-                            dtype=compute,
-                        )
-                positions = upload(tensor(f"layer.{i}.positions"))
-                layers.append(_layer(rows["keys"], rows["values"], positions, lengths, headroom, device, compute))
-        except _ReadError:
-            raise
-        except Exception as e:  # reported after the checksum: damaged data says "checksum mismatch"
-            problem = e
-
-        # Nothing is handed back before every byte is verified.
-        if version == 1:
-            digest = whole.result()
+        _wait(r for rs in reads.values() for r in rs)
+        if header.format_version == 1:
+            digest = _checksum_v1(chunks)
         else:
             digest = _combine_digests({name: future.result() for name, future in hashes.items()})
-        if digest != header.get("checksum"):
-            raise KvcliError(f"{path} is corrupted (checksum mismatch)")
-        if problem is not None:
-            raise problem
-        if pin:
-            torch.cuda.current_stream(device).synchronize()  # the uploads read `buf`
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    next_position = int(header["next_position"])
-    original_length = int(header["original_length"])
+    if digest != header.checksum:
+        raise KvcliError(f"{path} is corrupted (checksum mismatch)")
+
+    def tensor(name: str) -> torch.Tensor:
+        t = tensors[name]
+        return buf[t.begin : t.end].view(_ST_TORCH[t.dtype]).view(t.shape)  # aligned: checked in _tensor_table
+
+    def upload(t: torch.Tensor) -> torch.Tensor:
+        return t if device.type == "cpu" else t.to(device, non_blocking=pin)
+
+    rows_free = _headroom_rows(header, compute, headroom)
+    layers: list[LayerCache] = []
+    for i, (names, lengths) in enumerate(zip(layer_names, header.lengths)):
+        if tensor(f"layer.{i}.lengths").tolist() != list(lengths):
+            raise corrupt(f"layer {i} lengths disagree with the header")
+        rows = {}
+        for name in ("keys", "values"):
+            base = f"layer.{i}.{name}"
+            if bits is None:
+                rows[name] = upload(tensor(base))
+            else:
+                rows[name] = dequantize(
+                    upload(tensor(base)),
+                    upload(tensor(base + ".scales")),
+                    upload(tensor(base + ".zeros")) if bits == 4 else None,
+                    bits=bits,
+                    group_size=group,
+                    dim=header.head_dim,
+                    dtype=compute,
+                )
+        positions = upload(tensor(f"layer.{i}.positions"))
+        layers.append(_layer(rows["keys"], rows["values"], positions, list(lengths), rows_free, device, compute))
+    if pin:
+        torch.cuda.current_stream(device).synchronize()  # the uploads read `buf`
     return CompressedCache(
         layers=layers,
-        next_position=torch.tensor([next_position], dtype=torch.int64, device=device),
-        original_length=original_length,
+        next_position=torch.tensor([header.next_position], dtype=torch.int64, device=device),
+        original_length=header.original_length,
     )
 
 
