@@ -243,3 +243,50 @@ def test_kvc_crosses_precisions(tmp_path, tiny_model_dir, written, answered):
     (again,) = api.answer(model, from_file, [question], generation)
     assert expected.tokens > 0
     assert record["answer"] == expected.answer == again.answer
+
+
+# ---- start-up: the model loads fast, and the same ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_direct_load_is_from_pretrained(tiny_model_dir, dtype):
+    """The meta-device load used at start-up gives from_pretrained's model: weights, buffers,
+    config (so the fingerprint, which .kvc files are checked against) and logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvcli import models
+
+    torch_dtype = getattr(torch, dtype)
+    direct = models._load_direct(tiny_model_dir, torch_dtype, models._tied_key_mapping(tiny_model_dir))
+    assert direct is not None
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype)
+    assert direct.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(direct.state_dict()[name], tensor), name
+    for (name, a), (_, b) in zip(direct.named_buffers(), reference.named_buffers()):
+        assert a.device.type == "cpu" and torch.equal(a, b), name
+    assert direct.lm_head.weight is direct.model.embed_tokens.weight
+    assert direct.config.to_dict() == reference.config.to_dict()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(direct.eval()(ids).logits, reference.eval()(ids).logits)
+
+
+def test_tied_weights_stored_as_lm_head_load_directly(tmp_path, tiny_model_dir):
+    """Our GGUF conversions store the tied embedding as lm_head.weight (safetensors' save_model)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kvcli import models
+
+    local = tmp_path / "converted"
+    shutil.copytree(tiny_model_dir, local)
+    state = load_file(str(local / "model.safetensors"))
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    save_file(state, str(local / "model.safetensors"), metadata={"format": "pt"})
+    mapping = models._tied_key_mapping(local)
+    assert mapping is not None and models._tied_key_mapping(tiny_model_dir) is None
+    direct = models._load_direct(local, torch.float32, mapping)
+    assert torch.equal(direct.model.embed_tokens.weight, state["lm_head.weight"])
+    assert direct.lm_head.weight is direct.model.embed_tokens.weight
