@@ -76,23 +76,6 @@ class LayerCache:
             flat_positions[0, start : start + n] = p.to(device=device, dtype=torch.int32)
         return cls(flat_keys, flat_values, flat_positions, offsets.to(device, torch.int32), counts.to(device, torch.int32).unsqueeze(0))
 
-    @classmethod
-    def from_kept(
-        cls,
-        keys: torch.Tensor,  # [Hkv, T, D] full keys of one sequence
-        values: torch.Tensor,  # [Hkv, T, D]
-        positions: torch.Tensor,  # [T] original position of every token
-        kept: list[torch.Tensor],  # per head: sorted token indices to keep
-        headroom: int = DEFAULT_HEADROOM,
-    ) -> "LayerCache":
-        """The kept rows of a full cache, per head, in the flat layout."""
-        device = keys.device
-        index = [idx.to(device=device, dtype=torch.int64) for idx in kept]
-        return cls.from_heads(
-            [keys[h, i] for h, i in enumerate(index)], [values[h, i] for h, i in enumerate(index)],
-            [positions.to(device)[i] for i in index], headroom,
-        )
-
     def head_rows(self, batch: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values and positions in use for one (sequence, head): [n, D], [n, D], [n]."""
         start = int(self.offsets[head])

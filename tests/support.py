@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kvcli.cache import CompressedCache, LayerCache
+from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.documents import load_document
 from kvcli.errors import KvcliError
 from kvcli.models import LoadedModel
@@ -31,6 +31,13 @@ from kvcli.store import kvcfile as cachefile
 from kvcli.store.header import canonical_checksum
 
 FINGERPRINT = "abc123def4567890" * 4
+
+
+def layer_from_kept(keys, values, positions, kept, headroom=DEFAULT_HEADROOM):
+    """A LayerCache of the kept rows of a full cache: keys/values [Hkv, T, D], positions [T],
+    kept: per head, the sorted token indices to keep."""
+    return LayerCache.from_heads([keys[h, i] for h, i in enumerate(kept)], [values[h, i] for h, i in enumerate(kept)],
+                                 [positions[i] for i in kept], headroom)
 
 
 def header_length(path: Path) -> int:
@@ -147,7 +154,7 @@ def make_cache(
         for h in range(num_heads):
             n = 0 if (layer == 0 and h == 1) else int(torch.randint(1, tokens + 1, (1,), generator=gen))
             kept.append(torch.randperm(tokens, generator=gen)[:n].sort().values)
-        layers.append(LayerCache.from_kept(keys, values, positions, kept, headroom=headroom))
+        layers.append(layer_from_kept(keys, values, positions, kept, headroom=headroom))
     return CompressedCache(layers, torch.tensor([prefix + tokens + 3]), original_length=prefix + tokens)
 
 

@@ -11,7 +11,7 @@ from kvcli.compress.methods import make_press
 from kvcli.compress.pipeline import prefill
 from kvcli.generate import decode, forward
 from kvcli.prompts import PromptLayout
-from tests.support import tiny_llama
+from tests.support import layer_from_kept, tiny_llama
 
 DOCUMENT = "Alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike. " * 6
 QUESTION = "Which word follows golf?"
@@ -162,7 +162,7 @@ def test_variable_length_attention_reference_against_dense():
     torch.manual_seed(0)
     keys, values = torch.randn(2, 50, 16), torch.randn(2, 50, 16)
     kept = [torch.tensor([0, 3, 9, 20, 49]), torch.arange(0, 50, 2)]
-    layer = LayerCache.from_kept(keys, values, torch.arange(50), kept, headroom=4)
+    layer = layer_from_kept(keys, values, torch.arange(50), kept, headroom=4)
     new_k, new_v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16)
     layer.append(new_k, new_v, torch.tensor([[50, 51]]))
     query = torch.randn(1, 4, 2, 16)  # 2 query heads per KV head, 2 new tokens

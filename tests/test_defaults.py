@@ -6,7 +6,12 @@ import pytest
 
 from kvcli import api
 from kvcli.benchmarks.needle_depth import QUESTION, as_document, haystack
-from kvcli.compress.methods import DEFAULT_AGNOSTIC_METHOD, DEFAULT_AWARE_METHOD, default_method, make_press
+from kvcli.compress.methods import (
+    DEFAULT_AGNOSTIC_METHOD,
+    DEFAULT_AWARE_METHOD,
+    default_method,
+    make_press,
+)
 from kvcli.eval.tasks import NOISE
 
 DEPTHS = (0.1, 0.5, 0.9)

@@ -31,8 +31,9 @@ from kvcli.kernels.decode_attention import (  # noqa: E402
 )
 from kvcli.kernels.window_scores import window_scores, window_scores_reference  # noqa: E402
 
-from kvcli.cache import LayerCache, attend_reference  # noqa: E402
+from kvcli.cache import attend_reference  # noqa: E402
 from kvcli.compress.window import window_attention_torch  # noqa: E402
+from tests.support import layer_from_kept
 
 DEVICE = "cpu" if interpreting() else "cuda"
 GPU = DEVICE == "cuda"
@@ -111,13 +112,13 @@ def test_decode_attention_many_queries_odd_shapes(batch, num_kv_heads, group, he
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n", [1, 3], ids=lambda n: f"n{n}")
 def test_decode_attention_matches_cache_attend_reference(n, dtype):
-    """Against kvcli.cache.attend_reference on a real LayerCache: from_kept + append."""
+    """Against kvcli.cache.attend_reference on a real LayerCache: tests.support.layer_from_kept + append."""
     torch.manual_seed(11 + n)
     num_kv_heads, group, head_dim, length = 2, 4, 64, 90
     src_k = torch.randn(num_kv_heads, length, head_dim, dtype=dtype, device=DEVICE)
     src_v = torch.randn_like(src_k)
     kept = [torch.randperm(length)[:c].sort().values for c in (5, 71)]
-    layer = LayerCache.from_kept(src_k, src_v, torch.arange(length), kept, headroom=8).repeat(2)
+    layer = layer_from_kept(src_k, src_v, torch.arange(length), kept, headroom=8).repeat(2)
     new = torch.randn(2, num_kv_heads, n, head_dim, dtype=dtype, device=DEVICE)
     layer.append(new, torch.randn_like(new), torch.arange(length, length + n, device=DEVICE).expand(2, n))
     q = torch.randn(2, num_kv_heads * group, n, head_dim, dtype=dtype, device=DEVICE)

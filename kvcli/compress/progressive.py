@@ -58,7 +58,14 @@ import torch
 from kvcli import attention
 from kvcli.cache import DEFAULT_HEADROOM
 from kvcli.compress.methods import Press
-from kvcli.compress.pipeline import DEFAULT_CHUNK, LayerRows, PrefillResult, Step, finish, read_steps
+from kvcli.compress.pipeline import (
+    DEFAULT_CHUNK,
+    LayerRows,
+    PrefillResult,
+    Step,
+    finish,
+    read_steps,
+)
 from kvcli.errors import KvcliError
 from kvcli.prompts import PromptLayout
 
@@ -215,7 +222,8 @@ def read_progressive(
         tail = question_ids if aware and (final or scorer.observes) else []
         chunk_ids = (prefix_ids if index == 0 else []) + chunk_doc
         ids = chunk_ids + tail
-        probes = scorer.probes(step_layout, layout.tokenizer, doc_ids[:start]) if scorer.observes else []
+        # the chunk before (not the whole prefix): probes need only the few tokens it ends with
+        probes = scorer.probes(step_layout, layout.tokenizer, doc_ids[max(0, start - chunk) : start]) if scorer.observes else []
         first = state["next_position"]
         state["max_position"] = max([state["max_position"], first + len(ids) - 1] + [first + len(ids) + len(x.ids) - 1 for x in probes])
         orig = torch.cat([torch.arange(0 if index == 0 else p + start, p + start + len(chunk_doc)), torch.arange(doc_stop, doc_stop + len(tail))])

@@ -110,13 +110,13 @@ def read(
     layout = PromptLayout.build(model.tokenizer, document.text, question)
     limit = context_limit(model, max_context)
     if limit and len(layout.all_ids) + headroom_tokens > limit:
-        from kvcli.compress import progressive as longdoc
+        from kvcli.compress.progressive import read_progressive
 
         defaulted = press.scorer is None  # nothing can be kept whole: the default method, at the most that fits
         fallback = default_method(agnostic=question is None)
         if defaulted:
             press = make_press(fallback, budget=limit)
-        result = longdoc.read_progressive(
+        result = read_progressive(
             model.model, layout, press, context=limit, chunk_size=chunk_size, answer_tokens=headroom_tokens,
             headroom=headroom_tokens + 64, progress=progress,
         )

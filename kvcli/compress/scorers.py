@@ -136,8 +136,10 @@ class KVzip(Scorer):
         doc = layout.document_ids
         out = []
         for start in range(0, len(doc), self.chunk_size):
-            before = list(preceding) + doc[:start] if start else list(preceding)
-            before = before[len(before) - self.continuation :] if self.continuation else []
+            # the `continuation` tokens just before this chunk (from `preceding` at the start)
+            before = doc[max(0, start - self.continuation) : start]
+            if len(before) < self.continuation:
+                before = list(preceding)[len(preceding) - (self.continuation - len(before)) :] + before
             if before:
                 template = layout.template
                 ask = encode(tokenizer, template.middle + "Repeat the part of the previous context exactly, starting with ")
