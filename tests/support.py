@@ -108,6 +108,13 @@ def tiny_llama(num_heads=8, num_kv_heads=2, layers=3, seed=0):
     return reference, ours
 
 
+def tiny_loaded() -> LoadedModel:
+    """The eval tests' tiny model as a LoadedModel; module-level, so a spawned sweep worker
+    process can load the same one (kvcli.eval.sweep.Workers)."""
+    _, model = tiny_llama(8, 2, layers=3)
+    return LoadedModel(model, CharTokenizer(), "tiny", "f" * 64, torch.device("cpu"), torch.float32, 4096, 0.0)
+
+
 def small_context_llama(context=256, layers=2, rope_scaling=None, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

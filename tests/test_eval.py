@@ -13,8 +13,7 @@ from kvcli.cli.main import app
 from kvcli.compress.methods import make_press
 from kvcli.errors import KvcliError
 from kvcli.eval import fidelity, sweep, tasks
-from kvcli.models import LoadedModel
-from tests.support import CharTokenizer, tiny_llama
+from tests.support import tiny_loaded
 
 
 def words(document: str, question: str) -> int:
@@ -132,8 +131,7 @@ def tiny():
     # machine a second thread makes every op wait for a core (10x slower here).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    _, model = tiny_llama(8, 2, layers=3)
-    yield LoadedModel(model, CharTokenizer(), "tiny", "f" * 64, torch.device("cpu"), torch.float32, 4096, 0.0)
+    yield tiny_loaded()
     torch.set_num_threads(threads)
 
 
@@ -225,6 +223,19 @@ def test_interrupted_sweep_resumes_without_duplicates_or_recomputation(tiny, tmp
 
     reads.clear()
     assert sweep.evaluate(tiny, sweep.Sweep(**SWEEP), tmp_path)["runs_made"] == 0 and reads == []
+
+
+def test_worker_processes_give_the_rows_one_process_gives(tiny, tmp_path):
+    settings = {**SWEEP, "methods": ["snapkv"], "ratios": [0.25]}
+    alone = sweep.evaluate(tiny, sweep.Sweep(**settings), tmp_path / "one")
+    shared = sweep.evaluate(tiny, sweep.Sweep(**settings), tmp_path / "two", workers=sweep.Workers(2, tiny_loaded))
+    assert alone["runs_made"] == shared["runs_made"] == 2 * 3
+
+    def rows(directory):
+        lines = (directory / sweep.RESULTS_FILE).read_text().splitlines()
+        return {sweep.row_key(row): (row["answer"], row["score"], row["kl"]) for row in map(json.loads, lines)}
+
+    assert rows(tmp_path / "one") == rows(tmp_path / "two")
 
 
 def test_results_of_another_model_are_not_mixed_in(tiny, tmp_path):

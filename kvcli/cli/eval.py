@@ -6,6 +6,7 @@ one JSON object with --json). Progress with an ETA goes to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[str, typer.Option("--out", "-o", help="Folder for results.jsonl, results.csv, summary.json/.md and plot.png; a rerun resumes it.")] = "kvcli-eval",
         model: Annotated[str, typer.Option("--model", "-m", envvar="KVCLI_MODEL", help="Model spec, as for `kvcli ask`.")] = "default",
         device: Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", help="auto, cpu or cuda.")] = "auto",
+        workers: Annotated[int, typer.Option("--workers", help="Processes, each with its own copy of the model (a small model on a GPU: one per few CPU cores).")] = 1,
         json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object instead of tables.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")] = False,
     ) -> None:
@@ -65,7 +67,8 @@ def register(app: typer.Typer) -> None:
             from rich.console import Console
 
             from kvcli.eval import report as evalreport
-            from kvcli.eval.sweep import MODES, Sweep, evaluate
+            from kvcli.eval.sweep import MODES, Sweep, Workers, evaluate
+            from kvcli.models import load_model
 
             modes = [m for m, chosen in zip(MODES, (aware, agnostic)) if chosen] or list(MODES)
             sweep = Sweep(
@@ -73,10 +76,12 @@ def register(app: typer.Typer) -> None:
                 ratios=[parse_ratio(x) for x in _items(ratios)], modes=modes, samples=samples, seed=seed,
                 max_new_tokens=max_new_tokens,
             )
+            if workers < 1:
+                raise KvcliError("--workers must be at least 1")
             reporter = Reporter(quiet)
             loaded = load_model_reporting(model, device, reporter)
             with _progress_bar(reporter) as progress:
-                summary = evaluate(loaded, sweep, out, progress=progress)
+                summary = evaluate(loaded, sweep, out, progress=progress, workers=Workers(workers, functools.partial(load_model, model, device=device)))
             if json_out:
                 sys.stdout.write(json.dumps(summary) + "\n")
             else:

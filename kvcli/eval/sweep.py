@@ -153,8 +153,12 @@ def identity(model: LoadedModel, sweep: Sweep) -> dict:
     return {"fingerprint": model.fingerprint, "dtype": str(model.dtype).removeprefix("torch."), "max_new_tokens_override": sweep.max_new_tokens}
 
 
-def run(model: LoadedModel, sweep: Sweep, results: Results, *, progress: Progress | None = None) -> int:
-    """Run every (group, variant) not in `results` yet, appending rows; returns runs made."""
+def run(model: LoadedModel, sweep: Sweep, results: Results, *, progress: Progress | None = None, workers: Workers | None = None) -> int:
+    """Run every (group, variant) not in `results` yet, appending rows; returns runs made.
+
+    workers: run groups in that many processes, each with its own copy of the model (a small
+    model leaves a GPU mostly idle from one process: each run is bound by Python and kernel
+    launches). Rows still reach results.jsonl from this process only, a group at a time."""
     limit = model.context_length
     for length in sweep.lengths:
         if limit and length > limit:
@@ -167,31 +171,78 @@ def run(model: LoadedModel, sweep: Sweep, results: Results, *, progress: Progres
             plan.append((group, pending, missing_reference))
     total = sum(len(pending) + missing for _, pending, missing in plan)
     done = 0
-    for group, pending, missing_reference in plan:
-        task, length, index = group
-        label = f"{task} {length} #{index}"
-        if progress:
-            progress(done, total, f"{label}: full cache")
-        sample = make_sample(model, sweep, group)
-        document = _document(sample, f"{task}-{length}-{sweep.seed}-{index}")
-        reference, reference_row = _reference(model, sample, document)
-        if missing_reference:
-            results.append({**_fields(sweep, group, REFERENCE), "model": model.name, **reference_row})
-            done += 1
-        for variant in pending:
-            method, ratio, mode = variant
+    if workers is not None and workers.count > 1 and len(plan) > 1:
+        import multiprocessing
+
+        # spawn: CUDA cannot be used in a forked child
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(workers.count, len(plan)), initializer=_start_worker, initargs=(workers, sweep)) as pool:
             if progress:
-                progress(done, total, f"{label}: {method} {ratio:g} {mode}")
-            press = make_press(method, ratio=ratio)
-            if press.budget_for(reference_row["document_tokens"]) is None:
-                row = {**reference_row, "seconds": 0.0}
-            else:
-                row = _compressed_run(model, sample, document, press, mode, reference)
-            results.append({**_fields(sweep, group, variant), "model": model.name, **row})
-            done += 1
+                progress(done, total, f"{len(plan)} samples in {min(workers.count, len(plan))} processes")
+            for group, rows in pool.imap_unordered(_worker_group, plan):
+                for row in rows:
+                    results.append(row)
+                done += len(rows)
+                if progress:
+                    task, length, index = group
+                    progress(done, total, f"{task} {length} #{index} done")
+    else:
+        for group, pending, missing_reference in plan:
+            for row in _group_rows(model, sweep, group, pending, missing_reference, progress=progress, done=done, total=total):
+                results.append(row)
+                done += 1
     if progress:
         progress(done, total, "done")
     return done
+
+
+@dataclass(frozen=True)
+class Workers:
+    """`count` processes, each loading its model with `load` (picklable: a module-level
+    function or a functools.partial of one, e.g. of kvcli.models.load_model)."""
+
+    count: int
+    load: Callable[[], LoadedModel]
+
+
+_worker: dict = {}  # the model and sweep of this worker process
+
+
+def _start_worker(workers: Workers, sweep: Sweep) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    _worker.update(model=workers.load(), sweep=sweep)
+
+
+def _worker_group(job) -> tuple[tuple[str, int, int], list[dict]]:
+    group, pending, missing_reference = job
+    return group, list(_group_rows(_worker["model"], _worker["sweep"], group, pending, missing_reference))
+
+
+def _group_rows(model: LoadedModel, sweep: Sweep, group, pending, missing_reference, *, progress: Progress | None = None, done: int = 0, total: int = 0):
+    """The rows of one (task, length, sample): its reference (if missing), then each variant."""
+    task, length, index = group
+    label = f"{task} {length} #{index}"
+    if progress:
+        progress(done, total, f"{label}: full cache")
+    sample = make_sample(model, sweep, group)
+    document = _document(sample, f"{task}-{length}-{sweep.seed}-{index}")
+    reference, reference_row = _reference(model, sample, document)
+    if missing_reference:
+        yield {**_fields(sweep, group, REFERENCE), "model": model.name, **reference_row}
+        done += 1
+    for variant in pending:
+        method, ratio, mode = variant
+        if progress:
+            progress(done, total, f"{label}: {method} {ratio:g} {mode}")
+        press = make_press(method, ratio=ratio)
+        if press.budget_for(reference_row["document_tokens"]) is None:
+            row = {**reference_row, "seconds": 0.0}
+        else:
+            row = _compressed_run(model, sample, document, press, mode, reference)
+        yield {**_fields(sweep, group, variant), "model": model.name, **row}
+        done += 1
 
 
 def make_sample(model: LoadedModel, sweep: Sweep, group: tuple[str, int, int]) -> tasks.Sample:
@@ -257,7 +308,7 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def evaluate(model: LoadedModel, sweep: Sweep, directory: str | os.PathLike, *, progress: Progress | None = None) -> dict:
+def evaluate(model: LoadedModel, sweep: Sweep, directory: str | os.PathLike, *, progress: Progress | None = None, workers: Workers | None = None) -> dict:
     """Run `sweep` into `directory`, resuming what is there, and write the reports (also
     when interrupted). Returns the summary of every row in the folder (kvcli.eval.report),
     with `runs_made` by this call and the report `files`."""
@@ -267,7 +318,7 @@ def evaluate(model: LoadedModel, sweep: Sweep, directory: str | os.PathLike, *, 
     results = Results(directory, identity(model, sweep))
     made = 0
     try:
-        made = run(model, sweep, results, progress=progress)
+        made = run(model, sweep, results, progress=progress, workers=workers)
     finally:  # an interrupted sweep still gets reports of what it finished
         summary = {}
         if results.rows:
