@@ -86,11 +86,18 @@ def test_defensivekv_matches_its_formula(models, char_tokenizer):
         norms = value_norms(values[:, start:stop], weight, hq)
         expected = expected * norms / norms.sum(0, keepdim=True)
         top = expected.max() + 1
+        # The reference's first stage: window_bias = the window's attention to itself (mean
+        # over every head); over the keys outside the window, renormalised, keep tokens until
+        # 0.9 - window_bias is covered. The prefix is always kept: it is covered first.
+        own = attn[:, -window:, -window:].sum(-1)  # [Hq, W]
+        window_bias = own.mean()
         for h in range(hkv):
-            # the prefix and the window are kept anyway: their share of the attention is covered
+            group_heads = slice(h * (hq // hkv), (h + 1) * (hq // hkv))
+            outside = 1 - own[group_heads].mean()  # the head's attention outside the window
+            prefix = attn[group_heads, -window:, :start].sum(-1).mean() / outside
             order = mean[h].argsort(descending=True)
-            covered = 1 - mean[h].sum()
-            count = min(int((covered + mean[h][order].cumsum(0) < 0.9).sum()), int(budget))
+            normalised = mean[h][order] / outside
+            count = min(int((prefix + normalised.cumsum(0) < 0.9 - window_bias).sum()), int(budget))
             expected[h, order[:count]] = top
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 

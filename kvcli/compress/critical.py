@@ -12,8 +12,9 @@ DefensiveKV (arXiv 2510.13334, FFY0/DefensiveKV): "defensive aggregation": each 
 query's attention row is pooled (renormalised to its mass), then a token's score is the MAX
 over the window queries and the query heads of its group instead of the mean, floored at
 that maximum's mean over the tokens, so no head's score collapses; it is weighted by
-||W_o v||_1 normalised over the KV heads of the layer; the tokens that bring the kept share
-of the window's mean attention to `mass` (90%) are kept first. Their budget: one top-k over the heads of a
+||W_o v||_1 normalised over the KV heads of the layer; the tokens that carry `mass` (90%) of
+the attention outside the window, less the window's own share, are kept first (CriticalKV's
+first stage as the reference runs it). Their budget: one top-k over the heads of a
 layer (DefensiveKV) or over all layers (Layer-DefensiveKV); see the method registry.
 
 In progressive reading heads are observed one at a time (different rows per head), so the
@@ -93,12 +94,16 @@ class DefensiveKV(SnapKV):
         defensive = torch.maximum(defensive, defensive.mean(-1, keepdim=True))
         weight = value_weight(obs).to(defensive.device)
         scores = defensive * weight / weight.sum(0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        # The tokens that, with what is always kept, carry `mass` of the window's attention are
-        # kept before the rest. The reference counts the sinks among its candidates; here the
-        # prefix (and the window itself) are kept outside the candidates, so their share counts
-        # as covered: candidates are added until the uncovered mass is below 1 - mass.
-        mean = rows.mean(dim=(1, 2))  # [H, T], sums to the candidates' share of the attention
+        # Stage one, as the reference: over the keys outside the window, renormalised, the
+        # tokens that carry `mass` minus the window's own share (window_bias, the mean over
+        # the layer's heads) are kept first. The reference ranks the prefix (the sinks) among
+        # them; here it is kept anyway, so it counts as covered first: of the candidates, the
+        # best are forced until the covered share reaches (mass - window_bias) (1 - w) - p,
+        # with w the head's window share and p its prefix share = 1 - w - candidates' share.
+        mean = rows.mean(dim=(1, 2))  # [H, T], sums to the candidates' share c of the attention
+        share = obs.window_share.float().to(mean.device)  # [H]: w
+        threshold = self.mass - share.mean()
         ordered = mean.sort(dim=-1, descending=True).values.cumsum(-1)
-        needed = mean.sum(-1, keepdim=True) - (1 - self.mass)
-        counts = (ordered < needed).sum(-1).clamp(max=int(obs.budget))
+        needed = mean.sum(-1) - (1 - threshold) * (1 - share)  # = threshold (1 - w) - p
+        counts = (ordered < needed.unsqueeze(-1)).sum(-1).clamp(max=int(obs.budget))
         return force(scores, top_mask(mean, counts), scores.max() + 1)

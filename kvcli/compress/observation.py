@@ -11,6 +11,8 @@ this observation, G the query heads per KV head, T the candidates, W the window,
                               ("sum": sum over queries, mean over the group; "max": max of both)
     attention_rows [H, G, W, T] the window's attention probabilities, unreduced: per query head
                               and window query (softmax over every row the query sees)
+    window_share [H]          (with attention_rows) the share of that attention the window
+                              paid to its own rows, the mean over its queries and the group
     keys        [H, T, D]     the candidates' keys, rotated as stored
     values      [H, T, D]
     queries     [H*G, W, D]   the window's queries (rotated), e.g. for query statistics
@@ -43,6 +45,7 @@ class Observation:
     budget: float  # mean candidate rows per head the budget policy will keep (always given)
     attention: torch.Tensor | None = None
     attention_rows: torch.Tensor | None = None
+    window_share: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     queries: torch.Tensor | None = None

@@ -278,7 +278,10 @@ def _observe(scorer, backend: _StepAttention, step: Step, layer, head: int | Non
     if "attention_rows" in needs and backend.window_queries:
         queries = own_query_heads(torch.cat(backend.window_queries, dim=1))  # [H*G, W, D]
         keys = backend.keys[0] if head is None else torch.cat([rows.keys[head], backend.keys[0, head]]).unsqueeze(0)
-        probs = window_probabilities(queries, keys, backend.scale, keys.shape[1] - queries.shape[1])[:, :, cand]
+        window = queries.shape[1]
+        probs = window_probabilities(queries, keys, backend.scale, keys.shape[1] - window)
+        obs.window_share = probs[:, :, -window:].sum(-1).view(obs.num_kv_heads, -1).mean(-1)
+        probs = probs[:, :, cand]
         obs.attention_rows = probs.view(obs.num_kv_heads, group, *probs.shape[1:])
     if "queries" in needs and backend.window_queries:
         obs.queries = own_query_heads(torch.cat(backend.window_queries, dim=1))

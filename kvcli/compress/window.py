@@ -18,25 +18,37 @@ def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: flo
 
     Query i sees keys 0..causal_offset+i. reduce="sum": sum over queries, mean over the
     group (SnapKV / Ada-KV); reduce="max": max over both (KVzip).
+
+    Per block of queries only the keys the block can see are multiplied, and only the
+    block's own causal triangle is masked; probabilities come from the log-sum-exp
+    (max_i p_ij = exp(max_i (s_ij - lse_i))) instead of a full softmax: on the CPU the
+    masking and normalising passes over [Hq, w, T] cost as much as the matmul itself.
     """
     num_q_heads, window, _ = queries.shape
     num_kv_heads, length, _ = keys.shape
     group = num_q_heads // num_kv_heads
     keys_f = keys.float().repeat_interleave(group, dim=0)  # [Hq, T, D]
     out = torch.zeros(num_q_heads, length, dtype=torch.float32, device=keys.device)
-    columns = torch.arange(length, device=keys.device)
     for start in range(0, window, QUERY_BLOCK):
         q = queries[:, start : start + QUERY_BLOCK].float()  # [Hq, w, D]
-        logits = torch.matmul(q, keys_f.transpose(1, 2)) * scale  # [Hq, w, T]
-        limit = causal_offset + start + torch.arange(q.shape[1], device=keys.device)
-        logits = logits.masked_fill(columns.unsqueeze(0) > limit.unsqueeze(1), float("-inf"))
-        probs = logits.softmax(dim=-1)
+        rows = q.shape[1]
+        seen = min(causal_offset + start + rows, length)  # keys the block's last query sees
+        logits = torch.matmul(q, keys_f[:, :seen].transpose(1, 2)) * scale  # [Hq, w, seen]
+        first = causal_offset + start  # first key not every query of the block sees
+        if first + 1 < seen:
+            logits[:, :, first + 1 :].masked_fill_(_future(rows, seen - first - 1, keys.device), float("-inf"))
+        logits -= logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities
         if reduce == "max":
-            out = torch.maximum(out, probs.amax(dim=1))
+            out[:, :seen] = torch.maximum(out[:, :seen], logits.amax(dim=1).exp())
         else:
-            out += probs.sum(dim=1)
+            out[:, :seen] += logits.exp_().sum(dim=1)
     out = out.view(num_kv_heads, group, length)
     return out.amax(dim=1) if reduce == "max" else out.mean(dim=1)
+
+
+def _future(rows: int, columns: int, device) -> torch.Tensor:
+    """[rows, columns] bool: query r of a block must not see column c (key first + 1 + c) when c >= r."""
+    return torch.arange(columns, device=device).unsqueeze(0) >= torch.arange(rows, device=device).unsqueeze(1)
 
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str) -> torch.Tensor:
