@@ -23,17 +23,32 @@ def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: flo
     block's own causal triangle is masked; probabilities come from the log-sum-exp
     (max_i p_ij = exp(max_i (s_ij - lse_i))) instead of a full softmax: on the CPU the
     masking and normalising passes over [Hq, w, T] cost as much as the matmul itself.
+    The logits' matmul runs in the reading's precision (bfloat16 under autocast: AMX), the
+    softmax statistics in float32, as the reference implementations do in bfloat16.
     """
+    dtype = _matmul_dtype(keys)  # before autocast is turned off for the float32 statistics
+    with torch.autocast(keys.device.type, enabled=False):
+        return _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype)
+
+
+def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return tensor.dtype if tensor.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype) -> torch.Tensor:
     num_q_heads, window, _ = queries.shape
     num_kv_heads, length, _ = keys.shape
     group = num_q_heads // num_kv_heads
-    keys_f = keys.float().repeat_interleave(group, dim=0)  # [Hq, T, D]
+    keys_m = keys.to(dtype).repeat_interleave(group, dim=0)  # [Hq, T, D]
     out = torch.zeros(num_q_heads, length, dtype=torch.float32, device=keys.device)
     for start in range(0, window, QUERY_BLOCK):
-        q = queries[:, start : start + QUERY_BLOCK].float()  # [Hq, w, D]
+        q = queries[:, start : start + QUERY_BLOCK].to(dtype)  # [Hq, w, D]
         rows = q.shape[1]
         seen = min(causal_offset + start + rows, length)  # keys the block's last query sees
-        logits = torch.matmul(q, keys_f[:, :seen].transpose(1, 2)) * scale  # [Hq, w, seen]
+        logits = torch.matmul(q, keys_m[:, :seen].transpose(1, 2)).float().mul_(scale)  # [Hq, w, seen]
         first = causal_offset + start  # first key not every query of the block sees
         if first + 1 < seen:
             logits[:, :, first + 1 :].masked_fill_(_future(rows, seen - first - 1, keys.device), float("-inf"))

@@ -1,0 +1,47 @@
+"""The torch path of the observers' attention (kvcli.compress.window) against a dense softmax."""
+
+import pytest
+import torch
+
+from kvcli.compress import window
+from kvcli.compress.window import QUERY_BLOCK, window_attention_torch
+
+
+def dense(queries, keys, scale, offset, reduce):
+    """Every probability of [Hq, W, T] written out, then reduced: the definition."""
+    group = queries.shape[0] // keys.shape[0]
+    logits = queries.double() @ keys.double().repeat_interleave(group, 0).transpose(1, 2) * scale
+    visible = torch.arange(keys.shape[1])[None] <= offset + torch.arange(queries.shape[1])[:, None]
+    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).view(keys.shape[0], group, queries.shape[1], -1)
+    return probs.amax(dim=(1, 2)) if reduce == "max" else probs.sum(2).mean(1)
+
+
+# (W, T, offset): several query blocks with a partial last one; the window in the middle of
+# the keys (later keys unseen); one query; a window as long as the keys
+SHAPES = [(QUERY_BLOCK * 2 + 37, QUERY_BLOCK * 3, QUERY_BLOCK - 37), (40, 300, 100), (1, 50, 49), (70, 70, 0)]
+
+
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"W{w}-T{t}-off{o}" for w, t, o in SHAPES])
+def test_matches_the_dense_softmax(shape, reduce):
+    w, t, offset = shape
+    torch.manual_seed(w + t)
+    queries, keys = torch.randn(6, w, 16), torch.randn(2, t, 16)
+    got = window_attention_torch(queries, keys, 0.3, offset, reduce)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), dense(queries, keys, 0.3, offset, reduce), rtol=1e-5, atol=1e-7)
+    assert (got[:, offset + w :] == 0).all()  # keys after the last query: seen by nobody
+
+
+def test_under_autocast_the_matmul_runs_in_bfloat16_and_the_softmax_in_float32(monkeypatch):
+    torch.manual_seed(0)
+    queries, keys = torch.randn(6, 300, 64), torch.randn(2, 900, 64)
+    exact = dense(queries, keys, 0.125, 600, "max")
+    dtypes = []
+    real = torch.matmul
+    monkeypatch.setattr(window.torch, "matmul", lambda a, b: dtypes.append(a.dtype) or real(a, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = window_attention_torch(queries, keys, 0.125, 600, "max")
+    assert set(dtypes) == {torch.bfloat16} and got.dtype == torch.float32
+    error = ((got.double() - exact).abs() / exact).median()
+    assert 1e-5 < error < 1e-2  # bfloat16 logits: close, not exact
