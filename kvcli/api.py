@@ -11,21 +11,24 @@ Nothing here prints: progress and streamed text go to callbacks the caller passe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
+from kvcli import citations as page_citations
 from kvcli import generate
+from kvcli.cache import CompressedCache, LayerCache
 from kvcli.compress.methods import Press, make_press
 from kvcli.compress.pipeline import DEFAULT_CHUNK
-from kvcli.compress.reading import Compressed, Progress, check_fits, context_limit, progressive_notice, read
+from kvcli.compress.reading import Compressed, Progress, check_fits, context_limit, progressive_notice
+from kvcli.compress.reading import read as read_in_weights_dtype
 from kvcli.documents import Document
 from kvcli.errors import KvcliError
 from kvcli.models import LoadedModel
 from kvcli.prompts import SUMMARY_INSTRUCTION
 
-__all__ = ["Compressed", "Generation", "Answer", "read", "answer", "ask", "summarize", "report", "context_limit", "check_fits", "progressive_notice"]
+__all__ = ["Compressed", "Generation", "Answer", "read", "answer", "ask", "summarize", "report", "kept_per_page", "context_limit", "check_fits", "progressive_notice"]
 TextCallback = Callable[[int, str], None]  # (question index, new text)
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -51,10 +54,20 @@ class Answer:
     tokens: int
     ttft_seconds: float  # from the start of the request to the first answer token
     decode_seconds: float
+    citations: list[page_citations.Citation] | None = None  # with cite=True: the pages the answer drew on
 
     @property
     def decode_tokens_per_second(self) -> float:
         return (self.tokens - 1) / self.decode_seconds if self.tokens > 1 and self.decode_seconds > 0 else 0.0
+
+
+def read(model: LoadedModel, document: Document, press: Press, **options) -> Compressed:
+    """Read and compress `document` (kvcli.compress.reading.read: question=, chunk_size=, ...)
+    in the model's reading precision, as the CLI and the server do: on a CPU with native
+    bf16, bfloat16 autocast around the float32 weights (kvcli.precision). `answer` decodes
+    the result in the model's decoding precision."""
+    with model.reading() as reader:
+        return read_in_weights_dtype(reader, document, press, **options)
 
 
 def stop_ids(model: LoadedModel) -> set[int]:
@@ -99,13 +112,20 @@ def answer(
     *,
     on_text: TextCallback | None = None,
     started: float | None = None,
+    cite: bool = False,
 ) -> list[Answer]:
     """Answer questions over a compressed document; several questions decode as one batch.
 
     A question-aware cache already holds its question; an agnostic one gets each question
     part appended to its own copy of the cache.
+
+    cite=True: each Answer gets `citations` (kvcli.citations: the pages its tokens attended
+    to, best first, each with a snippet), from one more short pass after decoding; the
+    document's page map comes with `compressed` (a fresh read, or a .kvc file that holds it).
     """
     started = started if started is not None else time.perf_counter()
+    # A cache read in another precision decodes in the model's: cast once, kept rows only.
+    compressed = replace(compressed, cache=generate.in_dtype(compressed.cache, model.dtype))
     tokenizer = model.tokenizer
     if compressed.first_logits is not None:
         if len(questions) != 1:
@@ -126,6 +146,10 @@ def answer(
             view = cache.sequence(b)
             rows.append(generate.forward(model.model, view, torch.tensor([ids], device=model.device)))
         first_logits = torch.cat(rows)
+    if cite and compressed.pages is None:
+        raise KvcliError(f"{compressed.source or 'this cache'} has no page map (saved by an older kvcli): compress the document again to cite pages")
+    # Where each sequence's prompt ends, for the citation pass after decoding.
+    marks = ([layer.lengths.clone() for layer in cache.layers], cache.next_position.clone()) if cite else None
     streams = [_TextStream(tokenizer, on_text, b) for b in range(len(questions))]
     first_token_at: list[float | None] = [None] * len(questions)
 
@@ -157,7 +181,28 @@ def answer(
                 decode_seconds=finished - first,
             )
         )
+    if marks is not None:
+        for b, result in enumerate(results):
+            last_prompt = (compressed.layout.question_ids if compressed.first_logits is not None else question_ids[b])[-1]
+            result.citations = _cite(model, compressed, _prompt_view(cache, b, *marks), [last_prompt, *tokens[b][:-1]], tokens[b])
     return results
+
+
+def _prompt_view(cache: CompressedCache, b: int, lengths: list[torch.Tensor], next_position: torch.Tensor) -> CompressedCache:
+    """Sequence b of `cache` as it was before its last prompt token: the citation pass re-runs
+    that token and the answer, writing the same rows decoding wrote (nothing reads them after)."""
+    layers = [
+        LayerCache(layer.keys[b : b + 1], layer.values[b : b + 1], layer.positions[b : b + 1], layer.offsets, lengths[l][b : b + 1] - 1)
+        for l, layer in enumerate(cache.layers)
+    ]
+    return CompressedCache(layers, next_position[b : b + 1] - 1, cache.original_length)
+
+
+def _cite(model: LoadedModel, compressed: Compressed, view: CompressedCache, input_ids: list[int], produced: list[int]) -> list[page_citations.Citation]:
+    """The pages `input_ids` (the tokens that produced the answer `produced`) attended to, run over `view`."""
+    doc_start = len(compressed.layout.prefix_ids)
+    paid = page_citations.attention_to_document(model.model, view, compressed.kept, input_ids, produced, doc_start, compressed.pages)
+    return page_citations.rank(paid, compressed.pages, model.tokenizer)
 
 
 def ask(
@@ -219,4 +264,13 @@ def report(model: LoadedModel, document: dict, compressed: Compressed, answer_: 
             "new_tokens": answer_.tokens,
         },
         "cache": compressed.stats(),
+        **({"kept_per_page": kept_per_page(compressed)} if compressed.pages is not None else {}),
+        **({"citations": [c.as_dict() for c in answer_.citations]} if answer_.citations is not None else {}),
     }
+
+
+def kept_per_page(compressed: Compressed) -> dict:
+    """{"pages", "tokens", "kept_share"}: the share of each page's document tokens kept, over
+    all layers and heads (kvcli.citations.kept_per_page has it per layer too)."""
+    shares = page_citations.kept_per_page(compressed.cache, compressed.kept, compressed.pages, len(compressed.layout.prefix_ids))
+    return {key: shares[key] for key in ("pages", "tokens", "kept_share")}

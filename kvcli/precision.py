@@ -45,6 +45,13 @@ class Precision:
     def describe(self) -> dict:
         return {"read": self.read, "decode": self.decode, "read_autocast": self.autocast, "why": self.why}
 
+    @property
+    def reading(self) -> str:
+        """How documents are read, in one word or two: "float32", "bfloat16 autocast". What a
+        stored cache's content depends on (the reuse store keys it, .kvc headers record it);
+        the decoding precision does not change what is stored."""
+        return f"{self.read} autocast" if self.autocast else self.read
+
 
 def parse(value: str | None) -> str:
     """A --dtype / KVCLI_DTYPE value -> "auto" or one of NAMES (KvcliError if neither).

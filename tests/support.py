@@ -209,6 +209,28 @@ def tiny_service(char_tokenizer, disk_bytes=10**9, cpu_bytes=0):
     return ModelService(model, m, profile=False)
 
 
+def lively_model(scale: float = 20.0) -> LoadedModel:
+    """A tiny random Llama on CharTokenizer whose answers depend on the question and the
+    cache (weights scaled up: at the default initialisation every answer is one repeated
+    letter, so a wrong cache would go unnoticed). The same weights in every process."""
+    _, ours = tiny_llama(8, 2, layers=2)
+    with torch.no_grad():
+        for weight in ours.parameters():
+            if weight.dim() > 1:
+                weight.mul_(scale)
+    return LoadedModel(ours, CharTokenizer(), "tiny", "f" * 64, torch.device("cpu"), torch.float32, 4096, 0.0)
+
+
+def two_page_document(text: str = DOCUMENT, name: str = "notes.txt"):
+    """`text` as a Document of two pages (split in the middle), without a file."""
+    import hashlib
+
+    from kvcli.documents import Document, PageSpan
+
+    middle = len(text) // 2
+    return Document(name, text, hashlib.sha256(text.encode()).hexdigest(), [PageSpan(1, 0, middle), PageSpan(2, middle, len(text))])
+
+
 def ask(service, body):
     """One request as the HTTP layer runs it: check the body, read the document, answer, then
     settle placement."""
@@ -290,3 +312,24 @@ def wait_idle(service, seconds=60.0):
     while service.pending and time.monotonic() < deadline:
         time.sleep(0.01)
     assert service.pending == 0
+
+
+def keep_pages(compressed, pages: set[int]):
+    """`compressed` with every document row of the other pages evicted, in every head
+    (citation and kept-map tests: what a cache that kept only those pages looks like)."""
+    from kvcli.compress.reading import Compressed
+
+    doc_start = len(compressed.layout.prefix_ids)
+    page_of = compressed.pages.page_index()
+    layers = []
+    for layer in compressed.cache.layers:
+        keys, values, positions = [], [], []
+        for h in range(layer.num_kv_heads):
+            k, v, p = layer.head_rows(0, h)
+            doc = (p.long() - doc_start).clamp(0, len(page_of) - 1)
+            keep = (p < doc_start) | torch.isin(page_of[doc], torch.tensor(sorted(pages)))
+            keys.append(k[keep]), values.append(v[keep]), positions.append(p[keep])
+        layers.append(LayerCache.from_heads(keys, values, positions))
+    cache = CompressedCache(layers, compressed.cache.next_position.clone(), compressed.cache.original_length)
+    return Compressed(cache=cache, layout=compressed.layout, press=compressed.press, agnostic=True,
+                      document_tokens=compressed.document_tokens, pages=compressed.pages)

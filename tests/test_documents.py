@@ -110,7 +110,7 @@ def test_questions_answers_appear_in_their_documents():
     lines = [line for line in QUESTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
     for line in lines:
         item = json.loads(line)
-        assert set(item) == {"document", "question", "answers", "location"}, item
+        assert set(item) == {"document", "question", "answers", "location", "page"}, item
         assert item["document"] in docs, item
         assert item["location"] in {"early", "middle", "late"}, item
         assert item["question"].strip().endswith("?")
@@ -122,6 +122,10 @@ def test_questions_answers_appear_in_their_documents():
         where = text.find(item["answers"][0].lower()) / len(text)
         band = {"early": (0.0, 0.4), "middle": (0.3, 0.75), "late": (0.6, 1.0)}[item["location"]]
         assert band[0] <= where <= band[1], (item["question"], round(where, 2))
+        # `page`: the first page stating an answer (what citations are measured against)
+        doc = docs[item["document"]]
+        stating = [s.page for s in doc.pages if any(a.lower() in doc.text[s.start : s.end].lower() for a in item["answers"])]
+        assert item["page"] == min(stating), (item["question"], item["page"], stating)
         per_document[item["document"]] += 1
     assert all(count >= 8 for count in per_document.values()), per_document
 

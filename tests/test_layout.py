@@ -12,7 +12,7 @@ LAYERS = [
     ["kvcli", "kvcli.errors"],
     ["kvcli.documents", "kvcli.prompts", "kvcli.cache", "kvcli.attention", "kvcli.kernels"],
     ["kvcli.precision", "kvcli.models"],
-    ["kvcli.compress", "kvcli.generate", "kvcli.fastpath"],
+    ["kvcli.compress", "kvcli.generate", "kvcli.fastpath", "kvcli.citations"],
     ["kvcli.store"],
     ["kvcli.api"],
     ["kvcli.eval", "kvcli.serve"],

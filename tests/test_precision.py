@@ -149,6 +149,76 @@ def test_in_dtype_casts_a_copy(char_tokenizer):
     assert generate.in_dtype(cast, torch.float32) is cast
 
 
+# ---- the Python API and the store use the per-phase precision too --------------------------
+
+
+def _autocast_loaded(model, tokenizer) -> LoadedModel:
+    return LoadedModel(model, tokenizer, "tiny", "f" * 64, torch.device("cpu"), torch.float32, 4096, 0.0,
+                       precision=precision.Precision("bfloat16", "float32", "test", autocast=True))
+
+
+def test_api_read_uses_the_reading_precision(char_tokenizer):
+    """api.read called bare (as Python users and the server call it) reads as `kvcli ask`
+    does inside loaded.reading(): the same rows, which are not float32's."""
+    from kvcli.compress.reading import read as read_in_weights_dtype
+    from tests.support import tiny_llama
+
+    _, ours = tiny_llama(8, 2, layers=2)
+    mixed = _autocast_loaded(ours, char_tokenizer)
+    doc, press = _document(TEXT), make_press("full")
+    bare = api.read(mixed, doc, press)
+    assert not torch.is_autocast_enabled("cpu")
+    with mixed.reading() as reader:
+        as_the_cli_reads = read_in_weights_dtype(reader, doc, press)
+    fp32 = read_in_weights_dtype(mixed, doc, press)  # no autocast: the weights' float32
+    for a, b, c in zip(bare.cache.layers, as_the_cli_reads.cache.layers, fp32.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert not torch.equal(a.keys, c.keys)
+
+
+def test_api_ask_decodes_a_bfloat16_read_in_float32(char_tokenizer):
+    """Weights cast for reading (read bfloat16, decode float32): api.ask reads in bfloat16
+    and answers as the CLI does (the kept rows cast to float32 once), not in bfloat16."""
+    from dataclasses import replace
+
+    from tests.support import tiny_llama
+
+    _, ours = tiny_llama(8, 2, layers=2)
+    loaded = _loaded(ours, char_tokenizer, "bfloat16", "float32")
+    doc, press, question = _document(TEXT), make_press("snapkv", ratio=0.5), "Who kept it?"
+    generation = api.Generation(max_new_tokens=6)
+    result, compressed = api.ask(loaded, doc, question, press=press, generation=generation)
+    assert compressed.cache.layers[0].keys.dtype == torch.bfloat16  # read by the bfloat16 weights
+    again = api.read(loaded, doc, press, question=question, headroom_tokens=6)
+    (expected,) = api.answer(loaded, replace(again, cache=generate.in_dtype(again.cache, torch.float32)), [question], generation)
+    assert result.answer == expected.answer and result.tokens == expected.tokens > 0
+
+
+def test_reuse_store_keeps_readings_of_each_precision_apart(char_tokenizer):
+    """A bfloat16-autocast read stores float32 rows, as a float32 read does: the store key
+    and the header's read_precision keep the two apart."""
+    from tests.support import tiny_llama
+
+    from kvcli.store.kvcfile import read_header
+
+    _, ours = tiny_llama(8, 2, layers=2)
+    fp32, mixed = _loaded(ours, char_tokenizer, "float32", "float32"), _autocast_loaded(ours, char_tokenizer)
+    assert fp32.precision.reading == "float32" and mixed.precision.reading == "bfloat16 autocast"
+    doc, press = _document(TEXT), make_press("snapkv", ratio=0.5)
+    assert persist.store_key(fp32, doc, press, "auto") != persist.store_key(mixed, doc, press, "auto")
+    first, hit, _ = persist.reuse(fp32, doc, press)
+    assert not hit and read_header(first.source).stats["read_precision"] == "float32"
+    other, hit, warning = persist.reuse(mixed, doc, press)
+    assert not hit and warning is None and other.source != first.source
+    assert read_header(other.source).stats["read_precision"] == "bfloat16 autocast"
+    assert persist.reuse(mixed, doc, press)[1] and persist.reuse(fp32, doc, press)[1]  # each finds its own
+    # A float32 reading planted at the autocast key is refused, and replaced.
+    os.replace(first.source, other.source)
+    replaced, hit, warning = persist.reuse(mixed, doc, press)
+    assert not hit and "was read in float32, not bfloat16 autocast" in warning
+    assert read_header(replaced.source).stats["read_precision"] == "bfloat16 autocast"
+
+
 def _document(text: str) -> Document:
     import tempfile
 

@@ -45,3 +45,15 @@ def test_under_autocast_the_matmul_runs_in_bfloat16_and_the_softmax_in_float32(m
     assert set(dtypes) == {torch.bfloat16} and got.dtype == torch.float32
     error = ((got.double() - exact).abs() / exact).median()
     assert 1e-5 < error < 1e-2  # bfloat16 logits: close, not exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_log_sum_exp_is_used_on_the_cpu_and_matches(dtype):
+    torch.manual_seed(1)
+    queries, keys = torch.randn(6, 40, 32, dtype=dtype), torch.randn(6, 100, 32, dtype=dtype)
+    lse = window._fused_logsumexp(queries, keys, 0.2, 60)
+    assert lse is not None and lse.shape == (6, 40) and lse.dtype == torch.float32
+    logits = queries.float() @ keys.float().transpose(1, 2) * 0.2
+    visible = torch.arange(100)[None] <= 60 + torch.arange(40)[:, None]
+    expected = logits.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse, expected, rtol=1e-4, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)

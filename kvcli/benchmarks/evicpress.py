@@ -43,6 +43,7 @@ from kvcli.serve.manager import (
     CacheShape,
     Config,
     Entry,
+    LRUManager,
     Tier,
 )
 from kvcli.serve.tiers import disk_read_bandwidth, host_to_device_bandwidth
@@ -56,21 +57,6 @@ PREFIX_TOKENS = 40
 QUESTION_TOKENS = 32
 # Held-out questions of --real: never seen by the policy, only used to score it.
 HELD_OUT = ("Summarize the document in one sentence.", "Which names, numbers or dates does the document mention?")
-
-
-class LRUManager(CacheManager):
-    """The baselines: one fixed configuration, least recently used demoted first."""
-
-    def resolve(self):
-        start = len(self.decisions)
-        for tier in self.tiers:
-            while self.used(tier.name) > tier.capacity:
-                held = [e for e in self.entries.values() if e.tier == tier.name]
-                if not held:
-                    break
-                victim = min(held, key=lambda e: e.last_access)
-                self._move(victim, victim.config, self.below(tier.name), "demote", "least recently used")
-        return self.decisions[start:]
 
 
 class StepClock:

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvcli.cli import chat as chat_cli
 from kvcli.cli import eval as eval_cli
 from kvcli.cli import serve as serve_cli
 from kvcli.cli.common import Reporter, guard, load_model_reporting, process_started, stderr
@@ -108,13 +109,18 @@ def _read_questions(question: str | None, questions_file: str | None) -> list[st
 def _run_question(
     *, source, question, questions_file=None, model, device, method, ratio, budget, alpha, agnostic, reuse=False,
     kv_dtype="auto", max_new_tokens, temperature, seed, json_out, quiet, password, chunk_size, max_context=None, server=None,
-    dtype="auto",
+    dtype="auto", cite=False,
 ) -> None:
     import time
 
     from kvcli.precision import parse as parse_dtype
 
     dtype = parse_dtype(dtype)  # before anything slow: a bad value is a one-line error
+    from kvcli.store.kvcfile import is_cache_file, read_header  # no torch: a bad file is refused at once
+
+    from_file = is_cache_file(source)
+    if from_file and not server:
+        read_header(source)  # a bad file fails here, before torch and the model are loaded
     from kvcli import api, generate
     from kvcli.store import persist
     from kvcli.compress.methods import make_press
@@ -128,13 +134,9 @@ def _run_question(
         _ask_server(
             server, reporter, source=source, questions=questions, method=method, ratio=ratio, budget=budget, agnostic=agnostic,
             reuse=reuse, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, password=resolve_password(password), json_out=json_out,
+            **({"cite": True} if cite else {}),
         )
         return
-    from_file = persist.is_cache_file(source)
-    if from_file:
-        from kvcli.store.kvcfile import read_header
-
-        read_header(source)  # a bad file fails here, before the model is loaded
     press = None if from_file else make_press(method, ratio=ratio, budget=budget, alpha=alpha)
     document = None if from_file else _load_document(source, password, reporter)
     loaded = load_model_reporting(model, device, reporter, dtype)
@@ -171,7 +173,7 @@ def _run_question(
     stream = not json_out and len(questions) == 1
     # Decoding runs in loaded.dtype: a cache read in another precision is cast once, kept rows only.
     decoding = replace(compressed, cache=generate.in_dtype(compressed.cache, loaded.dtype))
-    answers = api.answer(loaded, decoding, questions, generation, on_text=_print_text if stream else None, started=started)
+    answers = api.answer(loaded, decoding, questions, generation, on_text=_print_text if stream else None, started=started, cite=cite)
     process_start = process_started()
     for result in answers:
         if json_out:
@@ -180,9 +182,9 @@ def _run_question(
             record["timings"]["wall_to_first_token_seconds"] = round(started + result.ttft_seconds - process_start, 4)
             sys.stdout.write(json.dumps(record) + "\n")
         elif stream:
-            sys.stdout.write("\n")
+            sys.stdout.write(_cited(result.citations, " ") + "\n")
         else:
-            sys.stdout.write(f"Q: {result.question}\n{result.answer}\n\n")
+            sys.stdout.write(f"Q: {result.question}\n{result.answer}{_cited(result.citations, ' ')}\n\n")
     sys.stdout.flush()
     stats = compressed.stats()
     last = answers[-1]
@@ -192,6 +194,13 @@ def _run_question(
         f"{prefill_s}first token {last.ttft_seconds:.2f} s ({started + last.ttft_seconds - process_start:.2f} s after start), "
         f"{last.decode_tokens_per_second:.1f} tokens/s[/]"
     )
+
+
+def _cited(citations, before: str = "") -> str:
+    """What text output appends to an answer: " (p. 3, p. 7)" with --cite, else nothing."""
+    from kvcli.citations import format_pages
+
+    return "" if citations is None else before + format_pages(citations)
 
 
 def _ask_server(url: str, reporter: Reporter, **request) -> None:
@@ -236,13 +245,14 @@ def ask(
     chunk_size: ChunkOpt = 2048,
     max_context: MaxContextOpt = None,
     server: ServerOpt = None,
+    cite: Annotated[bool, typer.Option("--cite", help="Cite the pages the answer drew on (from its attention to the kept document tokens): text ends with (p. 3, p. 7); --json adds citations with snippets.")] = False,
 ) -> None:
     """Answer a question about a document (or a saved .kvc cache)."""
     guard(lambda: _run_question(
         source=document, question=question, questions_file=questions, model=model, device=device, method=method,
         ratio=ratio, budget=budget, alpha=alpha, agnostic=agnostic, reuse=reuse, kv_dtype=kv_dtype, dtype=dtype,
         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, json_out=json_out, quiet=quiet,
-        password=password, chunk_size=chunk_size, max_context=max_context, server=server,
+        password=password, chunk_size=chunk_size, max_context=max_context, server=server, cite=cite,
     ))
 
 
@@ -362,16 +372,21 @@ def info(
     dtype: DtypeOpt = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    kept_map: Annotated[Optional[str], typer.Option("--map", help="With a .kvc file: draw what was kept into FILE.png (pages against layers, and each head's budget).")] = None,
 ) -> None:
     """Show the model, device, dtype, context length and library versions, or describe a .kvc file."""
 
     def run():
-        from kvcli.cli.info import cache_file_info, model_info
+        from kvcli.cli.info import cache_file_info, model_info, show, write_kept_map
         from kvcli.precision import parse as parse_dtype
 
         requested = parse_dtype(dtype)
+        if kept_map is not None and cache_file is None:
+            raise KvcliError("--map draws a .kvc file: give the file (kvcli info FILE.kvc --map kept.png)")
         if cache_file is not None:
             details = cache_file_info(cache_file)
+            if kept_map is not None:
+                details["map"] = write_kept_map(cache_file, kept_map)
         else:
             loaded = load_model_reporting(model, device, Reporter(quiet), requested)
             details = model_info(loaded)
@@ -382,7 +397,7 @@ def info(
             return
         width = max(len(k) for k in details)
         for key, value in details.items():
-            sys.stdout.write(f"{key:<{width}}  {value}\n")
+            sys.stdout.write(f"{key:<{width}}  {show(value)}\n")
 
     guard(run)
 
@@ -455,6 +470,37 @@ def cache_clear(server: ServerOpt = None) -> None:
         sys.stdout.write(f"removed {count} cache(s)\n")
 
     guard(run)
+
+
+@app.command()
+def chat(
+    document: Annotated[str, typer.Argument(help="A .pdf, .txt or .md file, or a .kvc cache (not -: the questions come from the terminal).")],
+    *,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "auto",
+    method: Annotated[Optional[str], typer.Option("--method", envvar="KVCLI_METHOD", help=f"Compression method: {', '.join(METHODS)} (default {DEFAULT_AGNOSTIC_METHOD}: the chat compresses before any question).")] = None,
+    ratio: RatioOpt = None,
+    budget: BudgetOpt = None,
+    alpha: AlphaOpt = None,
+    dtype: DtypeOpt = "auto",
+    max_new_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    password: PasswordOpt = None,
+    chunk_size: ChunkOpt = 2048,
+    max_context: MaxContextOpt = None,
+    server: ServerOpt = None,
+    timings: Annotated[bool, typer.Option("--timings", help="On leaving, print on stderr when the chat was ready and each question's time to first token.")] = False,
+    cite: Annotated[bool, typer.Option("--cite", help="Start with /cite on: each answer ends with the pages it drew on, (p. 3, p. 7).")] = False,
+) -> None:
+    """Read and compress a document once, then answer question after question (/help inside)."""
+    guard(lambda: chat_cli.run(
+        document, model=model, device=device, dtype=dtype, method=method, ratio=ratio, budget=budget, alpha=alpha,
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, quiet=quiet,
+        password=resolve_password(password), chunk_size=chunk_size, max_context=max_context, server=server, timings=timings,
+        cite=cite,
+    ))
 
 
 serve_cli.register(app)

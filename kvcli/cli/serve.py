@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvcli.serve.manager import DEFAULT_ALPHA
+from kvcli.serve.manager import DEFAULT_ALPHA, POLICIES
 
 IDLE_CHECK_SECONDS = 10.0  # how often the idle profiler looks for work
 
@@ -95,6 +95,8 @@ def register(app: typer.Typer) -> None:
         cpu_bytes: Annotated[Optional[str], typer.Option("--cpu-bytes", help="CPU tier capacity, e.g. 8G (default: 25% of available RAM).")] = None,
         disk_bytes: Annotated[Optional[str], typer.Option("--disk-bytes", help="Disk tier capacity, e.g. 50G (default: min(20 GiB, half the free disk)).")] = None,
         alpha: Annotated[float, typer.Option("--alpha", help="Quality given up per second of time to first token (joint policy weight).")] = DEFAULT_ALPHA,
+        policy: Annotated[str, typer.Option("--policy", help=f"Placement policy: {', '.join(POLICIES)} (joint: compression and tier chosen together; lru: every cache at --ratio, least recently used demoted, LMCache-style; compress-only: the joint compression, no slower tiers).")] = "joint",
+        ratio: Annotated[float, typer.Option("--ratio", help="Kept ratio of every cache under --policy lru (1: full caches).")] = 1.0,
         model: Annotated[str, typer.Option("--model", "-m", envvar="KVCLI_MODEL", help="Model spec, as for `kvcli ask`.")] = "default",
         device: Annotated[str, typer.Option("--device", envvar="KVCLI_DEVICE", help="auto, cpu or cuda.")] = "auto",
         allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host and any Host header (requests still need the token; it travels unencrypted).")] = False,
@@ -106,7 +108,7 @@ def register(app: typer.Typer) -> None:
 
         def run():
             from kvcli.errors import KvcliError
-            from kvcli.serve.manager import CacheManager
+            from kvcli.serve.manager import make_manager
             from kvcli.serve.tiers import machine_tiers
             from kvcli.models import load_model
             from kvcli.store.persist import store_dir
@@ -117,6 +119,10 @@ def register(app: typer.Typer) -> None:
                 raise KvcliError("--max-pending must be at least 1")
             if alpha < 0:
                 raise KvcliError("--alpha must be >= 0")
+            if policy not in POLICIES:
+                raise KvcliError(f"--policy {policy!r}: choose from {', '.join(POLICIES)}")
+            if not 0.0 < ratio <= 1.0:
+                raise KvcliError("--ratio must be in (0, 1]")
             capacities = {
                 "gpu": parse_size("--gpu-bytes", gpu_bytes), "cpu": parse_size("--cpu-bytes", cpu_bytes), "disk": parse_size("--disk-bytes", disk_bytes),
             }
@@ -130,8 +136,11 @@ def register(app: typer.Typer) -> None:
             stderr.print(f"loading model {model} ...")
             loaded = load_model(model, device=device)
             tiers = machine_tiers(store_dir(), capacities)
-            manager = CacheManager(tiers, ModelService.shape_of(loaded), alpha=alpha, on_decision=(lambda d: log(d.describe())) if log else None)
-            service = ModelService(loaded, manager, max_pending=max_pending)
+            manager = make_manager(
+                policy, tiers, ModelService.shape_of(loaded), ratio=ratio, alpha=alpha, on_decision=(lambda d: log(d.describe())) if log else None
+            )
+            # lru keeps one configuration whatever its quality: profiling would only cost model time
+            service = ModelService(loaded, manager, max_pending=max_pending, profile=policy != "lru")
             adopted = service.rediscover()
             for warning in service.warnings:
                 stderr.print(f"warning: {warning}", markup=False)
@@ -153,6 +162,7 @@ def register(app: typer.Typer) -> None:
                 stderr.print(f"tier {tier.name}: {tier.capacity / 1e9:.2f} GB, {tier.bandwidth / 1e9:.2f} GB/s", markup=False)
             if server.token_file is not None:
                 stderr.print(f"token for clients: {server.token_file} (kvcli --server reads it; others send `Authorization: Bearer <its content>`)", markup=False)
+            stderr.print(f"placement policy {policy}" + (f", every cache {manager.configs[0].name}" if policy == "lru" else ""), markup=False)
             stderr.print(f"{adopted} cached document(s) found on disk; serving {loaded.name} on {server_url(server)} (Ctrl-C stops)", markup=False)
             signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
             try:

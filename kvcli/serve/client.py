@@ -149,7 +149,7 @@ def document_field(source: str) -> dict:
 def remote_ask(
     url: str, *, source: str, questions: list[str], method: str, ratio: float | None, budget: int | None,
     agnostic: bool, reuse: bool, max_new_tokens: int, temperature: float, seed: int | None, password: str | None,
-    json_out: bool, write: Callable[[str], None] | None = None, process_start: float | None = None,
+    json_out: bool, write: Callable[[str], None] | None = None, process_start: float | None = None, cite: bool = False,
 ) -> dict:
     """`kvcli ask --server`: stream the answer to `write`, or print what `kvcli ask` prints.
 
@@ -157,12 +157,12 @@ def remote_ask(
     (kvcli.api.report); where the server found the cache is in the result's "placement".
     `process_start` (time.perf_counter() clock): each record's timings get
     `wall_to_first_token_seconds`, from then to its first token arriving here, as the CLI
-    reports it without a server.
+    reports it without a server. `cite`: the server cites pages (text ends with "(p. 3)").
     """
     body = {
         **document_field(source), "questions": questions, "reuse": reuse, "method": method, "ratio": ratio,
         "budget": budget, "agnostic": agnostic, "max_new_tokens": max_new_tokens, "temperature": temperature,
-        "seed": seed, "password": password,
+        "seed": seed, "password": password, "cite": cite or None,
     }
     body = {k: v for k, v in body.items() if v is not None}
     write = write or sys.stdout.write  # looked up per call: sys.stdout may have been replaced
@@ -182,13 +182,19 @@ def remote_ask(
         for index, item in enumerate(result["answers"]):
             if process_start is not None:
                 item["timings"]["wall_to_first_token_seconds"] = round(arrived.get(index, done) - process_start, 4)
+            cited = f" {_pages(item['citations'])}" if "citations" in item else ""
             if json_out:
                 write(json.dumps(item) + "\n")
             elif stream:
-                write("\n")
+                write(cited + "\n")
             else:
-                write(f"Q: {item['question']}\n{item['answer']}\n\n")
+                write(f"Q: {item['question']}\n{item['answer']}{cited}\n\n")
     return result
+
+
+def _pages(citations: list[dict]) -> str:
+    """kvcli.citations.format_pages over the JSON records (not imported: it would load torch)."""
+    return "(" + ", ".join(f"p. {c['page']}" for c in citations) + ")" if citations else "(no page cited)"
 
 
 def remote_compress(

@@ -24,6 +24,11 @@ tier demotes to "none"). A compression-sensitive document loses much quality per
 it is demoted rather than compressed: it stays lightly compressed. Every change is
 appended to `decisions` with its reason.
 
+The baselines it is measured against are here too, behind the same interface (`kvcli serve
+--policy`): LRUManager (one configuration, least recently used demoted: LMCache-style over
+full caches, or every cache at one fixed ratio) and CompressOnlyManager (the utility's
+compression, no demotion to slower tiers).
+
 This module is bookkeeping only: no model, no files, no devices. The server applies the
 placement it computes (kvcli.serve.service) on tiers measured by kvcli.serve.tiers; the
 benchmark simulates it (kvcli.benchmarks.evicpress). Its
@@ -418,7 +423,9 @@ class CacheManager:
                     "config": self.configs[e.config].name,
                     "bytes": self.size(e, e.config, e.tier),
                     "document_tokens": e.doc_tokens,
+                    "prefix_tokens": e.prefix_tokens,
                     "quality": round(self.quality(e, e.config), 4),
+                    "qualities": {self.configs[i].name: round(q, 4) for i, q in sorted(e.quality.items())},
                     "profiled": e.profiled,
                     "ttft_seconds": round(self.ttft(e, e.config, e.tier), 4),
                     "frequency": round(self.frequency(e, now), 4),
@@ -431,3 +438,53 @@ class CacheManager:
     @_locked
     def usage(self) -> list[dict]:
         return [{"tier": t.name, "capacity": t.capacity, "used": self.used(t.name), "bandwidth": t.bandwidth} for t in self.tiers]
+
+
+# ---- the baselines the joint policy is measured against (`kvcli serve --policy`) ----------
+
+
+class LRUManager(CacheManager):
+    """Every cache in one configuration (its `configs`, one), the least recently used demoted
+    a tier down when a tier overflows: what LMCache-like stores do (full caches), or the same
+    over caches all compressed at one fixed ratio."""
+
+    @_locked
+    def resolve(self) -> list[Decision]:
+        start = len(self.decisions)
+        for tier in self.tiers:
+            while self.used(tier.name) > tier.capacity:
+                held = [e for e in self.entries.values() if e.tier == tier.name]
+                if not held:
+                    break
+                victim = min(held, key=lambda e: e.last_access)
+                self._move(victim, victim.config, self.below(tier.name), "demote" if self.below(tier.name) != NOWHERE else "drop",
+                           f"{tier.name} over capacity; least recently used")
+        return self.decisions[start:]
+
+
+class CompressOnlyManager(CacheManager):
+    """Compression without placement: the joint utility chooses each cache's configuration,
+    but an overflowing tier only compresses or drops (nothing is demoted to a slower tier),
+    as a server that compresses caches in memory and has no tiers below it would."""
+
+    def below(self, name: str) -> str:
+        return NOWHERE
+
+
+POLICIES = ("joint", "lru", "compress-only")
+
+
+def make_manager(policy: str, tiers: list[Tier], shape: CacheShape, *, ratio: float = 1.0, method: str = "kvzip", **options) -> CacheManager:
+    """The manager of `policy`: joint (the utility over every configuration and tier), lru
+    (one configuration: full caches at `ratio` 1, else `method` at `ratio`; LRU across tiers)
+    or compress-only (the utility, memory tier only)."""
+    if policy == "joint":
+        return CacheManager(tiers, shape, **options)
+    if policy == "compress-only":
+        return CompressOnlyManager(tiers, shape, **options)
+    if policy == "lru":
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"the kept ratio must be in (0, 1], got {ratio}")
+        config = Config("full", 1.0) if ratio == 1.0 else Config(method, ratio)
+        return LRUManager(tiers, shape, configs=(config,), **options)
+    raise ValueError(f"unknown policy {policy!r}; choose from: {', '.join(POLICIES)}")

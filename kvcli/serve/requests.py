@@ -47,6 +47,7 @@ class AskRequest:
     temperature: float = 0.0
     seed: int | None = None
     stream: bool = True
+    cite: bool = False  # each answer record gets "citations" (kvcli.citations)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def ask_request(body: dict) -> AskRequest:
         temperature=field(body, "temperature", float, 0.0, low=0.0, high=MAX_TEMPERATURE),
         seed=field(body, "seed", int, None, low=0, high=MAX_SEED),
         stream=field(body, "stream", bool, True),
+        cite=field(body, "cite", bool, False),
         **_press_fields(body, DEFAULT_AWARE_METHOD),
     )
 

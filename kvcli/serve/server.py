@@ -17,12 +17,13 @@ any reply: a non-finite number is null)
     GET    /health            {"status": "ok", "model", "device", "pending", "tiers": [...]}
     POST   /ask               {"document": PATH | "text": TEXT, "question": Q | "questions": [Q, ...] (at most 32),
                                "reuse": true, "method", "ratio", "budget", "agnostic", "max_new_tokens",
-                               "temperature", "seed", "password", "stream": true}
+                               "temperature", "seed", "password", "stream": true, "cite": false}
                               reuse=true (default): the manager keeps the document's cache and
                               chooses its configuration and tier (method/ratio ignored);
                               reuse=false: one-shot with method/ratio (question-aware for one
                               question unless agnostic); a PATH ending in .kvc answers from that file.
                               Questions are answered one after another over one cache.
+                              cite=true: each answer record has "citations" (kvcli.citations).
                               stream=true: application/x-ndjson, one event a line:
                                 {"token": TEXT, "index": I} ... then {"done": true, "answer": TEXT (first),
                                 "answers": [one `kvcli ask --json` record per question],
@@ -33,7 +34,8 @@ any reply: a non-finite number is null)
                               -> {"output", "bytes", "document", "cache"}; without "output": the document
                               is added to the manager -> {"entry": row of GET /caches}
     GET    /caches            {"caches": [{"id", "document", "tier", "config", "bytes", "quality",
-                               "ttft_seconds", "frequency", "utility", "reason"}], "tiers": [...]}
+                               "ttft_seconds", "frequency", "utility", "reason", "qualities" (profiled, per
+                               configuration), "document_tokens", "prefix_tokens"}], "tiers": [...]}
     GET    /decisions         {"decisions": [{"at", "entry", "action", "before", "after", "reason"}]} (last 200)
     DELETE /caches/{id}       {"removed": [id]}; ids are hexadecimal (a unique prefix is enough):
                               anything else is 400, an unknown id 404

@@ -67,7 +67,7 @@ def to_device(compressed: Compressed, device: torch.device) -> Compressed:
     return Compressed(
         cache=moved, layout=compressed.layout, press=compressed.press, agnostic=compressed.agnostic,
         document_tokens=compressed.document_tokens, source=compressed.source, kept=compressed.kept,
-        progressive=compressed.progressive,
+        progressive=compressed.progressive, pages=compressed.pages,
     )
 
 
@@ -87,8 +87,12 @@ class ModelService:
     restart.
     """
 
-    def __init__(self, model: LoadedModel, manager: CacheManager, *, max_pending: int = DEFAULT_MAX_PENDING, profile: bool = True):
+    def __init__(self, model: LoadedModel, manager: CacheManager, *, max_pending: int = DEFAULT_MAX_PENDING, profile: bool = True,
+                 shared_store: bool = False):
+        """`shared_store`: other services (kvcli.serve.replicas) save to the same store, so a
+        document met for the first time is first looked for there (see `entry_for`)."""
         self.model, self.manager = model, manager
+        self.shared_store = shared_store
         self.lock = threading.Lock()
         self.pending = 0
         self.max_pending = max_pending
@@ -170,6 +174,8 @@ class ModelService:
         """The manager's entry for this document, registered (with its text saved) on first sight."""
         eid = entry_id(self.model, document.sha256)
         entry = self.manager.entries.get(eid)
+        if entry is None and self.shared_store:
+            entry = self._adopt_saved(document, eid)
         known = self.documents.get(eid)
         saved = None
         if entry is None or not known or not known.text:
@@ -341,7 +347,6 @@ class ModelService:
             if found is None:
                 continue  # another model's, or a configuration this server does not use
             eid, index, header = found
-            doc = header.document
             if eid in self.disk:  # two copies: a kill between writing one and deleting the other
                 keep, spare = sorted([self.disk[eid], (index, path)], key=lambda held: held[0])  # lighter first
                 self._delete_if_managed(spare[1])
@@ -349,20 +354,44 @@ class ModelService:
                     continue
                 self.manager.entries.pop(eid, None)  # adopt this lighter copy instead
                 adopted -= 1
-            managed = header.manager or {}
-            self.documents[eid] = self._document_from(eid, doc)
-            entry = Entry(eid, doc.name, doc.tokens, len(header.prefix_ids))
-            entry.recompressible = bool(self.documents[eid].text)
-            quality = managed.get("quality", {})
-            entry.quality = {names[n]: float(q) for n, q in quality.items() if n in names}
-            entry.profiled = bool(managed.get("profiled")) and bool(entry.quality)
-            self.manager.add(entry, profile=False)
-            self.manager.place(eid, index, next(t.name for t in self.manager.tiers if t.encoded), f"found {path.name} in the store at startup")
-            self.disk[eid] = (index, path)
+            self._adopt(path, eid, index, header, f"found {path.name} in the store at startup")
             adopted += 1
         self._sweep()
         self.rebalance()  # the disk tier may be smaller than last time
         return adopted
+
+    def _adopt(self, path: Path, eid: str, index: int, header: KvcHeader, reason: str) -> Entry:
+        """Register the document of a store file, held on the disk tier in configuration `index`."""
+        names = {c.name: i for i, c in enumerate(self.manager.configs)}
+        doc, managed = header.document, header.manager or {}
+        self.documents[eid] = self._document_from(eid, doc)
+        entry = Entry(eid, doc.name, doc.tokens, len(header.prefix_ids))
+        entry.recompressible = bool(self.documents[eid].text)
+        quality = managed.get("quality", {})
+        entry.quality = {names[n]: float(q) for n, q in quality.items() if n in names}
+        entry.profiled = bool(managed.get("profiled")) and bool(entry.quality)
+        self.manager.add(entry, profile=False)
+        self.manager.place(eid, index, next(t.name for t in self.manager.tiers if t.encoded), reason)
+        self.disk[eid] = (index, path)
+        return entry
+
+    def _adopt_saved(self, document: Document, eid: str) -> Entry | None:
+        """The lightest file of `document` another service saved in the shared store (its name
+        is the store key of each configuration), adopted onto the disk tier; None if none is."""
+        names = {c.name: i for i, c in enumerate(self.manager.configs)}
+        if next((t for t in self.manager.tiers if t.encoded), None) is None:
+            return None
+        for config in self.manager.configs:
+            path = self.store / f"{persist.store_key(self.model, document, press_for(config), config.kv_dtype)}.kvc"
+            if not path.is_file():
+                continue
+            try:
+                found = self._adoptable(path, names)
+            except (KvcliError, KeyError, TypeError, ValueError, AttributeError, RecursionError, OverflowError):
+                continue  # damaged, or not what its name says: the text is read again instead
+            if found is not None and found[0] == eid:
+                return self._adopt(path, eid, found[1], found[2], f"found {path.name} in the shared store")
+        return None
 
     def _adoptable(self, path: Path, names: dict[str, int]) -> tuple[str, int, KvcHeader] | None:
         """(entry id, config index, header) of a store file this server can adopt, None if it
@@ -450,7 +479,7 @@ class ModelService:
         started = time.perf_counter()
         if document is None:
             compressed, header = persist.load(self.model, request.source.path)
-            answers = self._answer(compressed, request.questions, generation, on_text, started)
+            answers = self._answer(compressed, request.questions, generation, on_text, started, cite=request.cite)
             return self._report(answers, compressed, {"served_from": "file"}, header.document.as_dict())
         if not request.reuse:
             press = make_press(request.method, ratio=request.ratio, budget=request.budget)
@@ -458,7 +487,7 @@ class ModelService:
             compressed = api.read(
                 self.model, document, press, question=request.questions[0] if aware else None, headroom_tokens=generation.max_new_tokens
             )
-            answers = self._answer(compressed, request.questions, generation, on_text, started)
+            answers = self._answer(compressed, request.questions, generation, on_text, started, cite=request.cite)
             return self._report(answers, compressed, {"served_from": "text"}, api.document_info(document))
         entry = self.entry_for(document)
         entry, served_from, served_config = self.manager.access(entry.id)
@@ -470,7 +499,7 @@ class ModelService:
             self.rebalance()
             raise
         loaded = time.perf_counter()
-        answers = self._answer(compressed, request.questions, generation, on_text, started)
+        answers = self._answer(compressed, request.questions, generation, on_text, started, cite=request.cite)
         placement = {
             "served_from": served_from,
             "config": self.manager.configs[served_config if served_from != NOWHERE else 0].name,
@@ -478,14 +507,14 @@ class ModelService:
         }
         return self._report(answers, compressed, placement, api.document_info(document))
 
-    def _answer(self, compressed: Compressed, questions, generation: Generation, on_text, started: float) -> list[api.Answer]:
+    def _answer(self, compressed: Compressed, questions, generation: Generation, on_text, started: float, *, cite: bool = False) -> list[api.Answer]:
         """One question after another over the one cache: each decodes on a single working
         copy, released before the next, so memory does not grow with the number of questions
         (a batch would hold one copy per question)."""
         answers = []
         for index, question in enumerate(questions):
             emit = None if on_text is None else (lambda _, text, index=index: on_text(index, text))
-            answers.extend(api.answer(self.model, compressed, [question], generation, on_text=emit, started=started))
+            answers.extend(api.answer(self.model, compressed, [question], generation, on_text=emit, started=started, cite=cite))
         return answers
 
     def _report(self, answers: list[api.Answer], compressed: Compressed, placement: dict, document: dict) -> dict:

@@ -194,15 +194,20 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class DocumentInfo:
-    """The document the cache holds: `sha256` of its raw bytes, its page spans, its tokens."""
+    """The document the cache holds: `sha256` of its raw bytes, its page spans (characters),
+    its tokens; since kvcli 0.1 also `token_pages`, the page spans in document tokens
+    ([page, first, end] runs covering 0..tokens), and `token_ids` (snippets of citations;
+    absent for very long documents). Files without them still load; they cannot cite."""
 
     name: str
     sha256: str
     pages: tuple[tuple[int, int, int], ...]
     tokens: int
     extra: dict = field(default_factory=dict)
+    token_pages: tuple[tuple[int, int, int], ...] | None = None
+    token_ids: tuple[int, ...] | None = None
 
-    KEYS = ("name", "sha256", "pages", "tokens")
+    KEYS = ("name", "sha256", "pages", "tokens", "token_pages", "token_ids")
 
     @classmethod
     def parse(cls, raw: Any) -> "DocumentInfo":
@@ -210,16 +215,49 @@ class DocumentInfo:
         pages = _get(d, "pages", "document")
         if not isinstance(pages, list) or not all(isinstance(p, list) and len(p) == 3 for p in pages):
             raise _Bad("header field document.pages must be a list of [page, start, end]")
+        tokens = _int(_get(d, "tokens", "document"), "document.tokens")
         return cls(
             name=_str(_get(d, "name", "document"), "document.name"),
             sha256=_str(_get(d, "sha256", "document"), "document.sha256", 128),
             pages=tuple(tuple(_int(v, "document.pages") for v in p) for p in pages),
-            tokens=_int(_get(d, "tokens", "document"), "document.tokens"),
+            tokens=tokens,
             extra=_rest(d, cls.KEYS),
+            token_pages=_token_pages(d.get("token_pages"), tokens),
+            token_ids=_token_ids(d.get("token_ids"), tokens),
         )
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "pages": [list(p) for p in self.pages], "tokens": self.tokens, **self.extra}
+        d = {"name": self.name, "sha256": self.sha256, "pages": [list(p) for p in self.pages], "tokens": self.tokens, **self.extra}
+        if self.token_pages is not None:
+            d["token_pages"] = [list(p) for p in self.token_pages]
+        if self.token_ids is not None:
+            d["token_ids"] = list(self.token_ids)
+        return d
+
+
+def _token_pages(raw: Any, tokens: int) -> tuple[tuple[int, int, int], ...] | None:
+    """[page, first, end] runs that tile the document's tokens in order (None: not recorded)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 3 for p in raw):
+        raise _Bad("header field document.token_pages must be a list of [page, first, end]")
+    spans = tuple(tuple(_int(v, "document.token_pages") for v in p) for p in raw)
+    at = 0
+    for _, first, end in spans:
+        if first != at or end <= first:
+            raise _Bad("header field document.token_pages must cover the document's tokens in order")
+        at = end
+    if at != tokens:
+        raise _Bad(f"header field document.token_pages covers {at} tokens, not the document's {tokens}")
+    return spans
+
+
+def _token_ids(raw: Any, tokens: int) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != tokens:
+        raise _Bad(f"header field document.token_ids must be a list of the document's {tokens} token ids")
+    return tuple(_int(t, "document.token_ids") for t in raw)
 
 
 @dataclass(frozen=True)

@@ -55,17 +55,21 @@ import stat
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 import kvcli
-from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.errors import KvcliError
 from kvcli.store import header as kvc_header
 from kvcli.store.header import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, KvcHeader
-from kvcli.store.quantize import dequantize, quantize
+
+# torch is imported by the functions that move tensors, not here: reading a header
+# (`kvcli info FILE.kvc`, a bad file refused before the model loads) needs none of it.
+if TYPE_CHECKING:
+    import torch
+
+    from kvcli.cache import CompressedCache, LayerCache
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "GROUP_SIZE", "KV_DTYPES", "KvcHeader",
@@ -94,21 +98,47 @@ HEADROOM_FLOOR_BYTES = 64 << 20
 # nothing here) keeps touching its file while it writes.
 STALE_TEMP_SECONDS = 60.0
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_FLOAT_KV = ("fp32", "fp16", "bf16")
 _BITS = kvc_header.QUANT_BITS
-KV_DTYPES = ("auto", *_DTYPES, *_BITS)
+KV_DTYPES = ("auto", *_FLOAT_KV, *_BITS)
 # safetensors dtype codes we accept, and their element sizes.
 _ST_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I8": 1, "U8": 1}
-_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
 _TEMP_NAME = re.compile(r"\..+\.tmp-(\d+)-[0-9a-f]{12}")
 
 
 # --------------------------------------------------------------------------- helpers
 
 
+def is_cache_file(source: str) -> bool:
+    """Whether a document argument names a saved cache (by its suffix, as the CLI documents)."""
+    return source.endswith(".kvc")
+
+
+@cache
+def _dtypes() -> dict:
+    """The float kv dtype names -> torch dtypes."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@cache
+def _dtype_names() -> dict:
+    return {v: k for k, v in _dtypes().items()}
+
+
+@cache
+def _st_torch() -> dict:
+    """safetensors dtype codes -> torch dtypes."""
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a CPU tensor, as safetensors writes them."""
+    import torch
+
     t = t.detach().contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
@@ -151,6 +181,8 @@ def _checksum(chunks: dict[str, memoryview | bytes], version: int = FORMAT_VERSI
 
 
 def _used_rows(layer: LayerCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    import torch
+
     """Batch row 0's rows in use, head after head: keys, values [total, D], positions [total], lengths [Hkv]."""
     lengths = layer.lengths[0].detach().to("cpu", torch.int32)
     offsets = layer.offsets.detach().to("cpu", torch.int64)
@@ -297,6 +329,8 @@ def save_cache(
     KvcHeader together with the fields this module adds (which win on a clash). mode: the
     new file's mode (see atomic_write). Returns the number of bytes written. Atomic.
     """
+    from kvcli.store.quantize import quantize
+
     path = Path(path)
     if kv_dtype not in KV_DTYPES:
         raise KvcliError(f"unknown kv dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
@@ -305,10 +339,10 @@ def save_cache(
     if not cache.layers:
         raise KvcliError(f"cannot save {path}: the cache has no layers")
     source_dtype = cache.layers[0].keys.dtype
-    if source_dtype not in _DTYPE_NAMES:
+    if source_dtype not in _dtype_names():
         raise KvcliError(f"cannot save {path}: unsupported cache dtype {source_dtype}")
     if kv_dtype == "auto":
-        kv_dtype = _DTYPE_NAMES[source_dtype]
+        kv_dtype = _dtype_names()[source_dtype]
     bits = _BITS.get(kv_dtype)
     head_dim = int(cache.layers[0].keys.shape[-1])
 
@@ -323,7 +357,7 @@ def save_cache(
         lengths_all.append([int(n) for n in lengths])
         for name, rows in (("keys", keys), ("values", values)):
             if bits is None:
-                tensors[f"layer.{i}.{name}"] = rows.to(_DTYPES[kv_dtype]).contiguous()
+                tensors[f"layer.{i}.{name}"] = rows.to(_dtypes()[kv_dtype]).contiguous()
                 continue
             try:
                 parts = quantize(rows, bits, GROUP_SIZE)
@@ -338,7 +372,7 @@ def save_cache(
         header,
         kvcli_version=kvcli.__version__,
         kv_dtype=kv_dtype,
-        source_dtype=_DTYPE_NAMES[source_dtype],
+        source_dtype=_dtype_names()[source_dtype],
         head_dim=head_dim,
         original_length=int(cache.original_length),
         next_position=int(cache.next_position.reshape(-1)[0]),
@@ -535,7 +569,7 @@ def load_cache(
     expected_model_name: str | None = None,
     expected_shape: tuple[int, int, int] | None = None,
     accept: Callable[[KvcHeader], None] | None = None,
-    headroom: int = DEFAULT_HEADROOM,
+    headroom: int | None = None,
     pin_memory: bool | None = None,
 ) -> tuple[CompressedCache, KvcHeader]:
     """Read a .kvc file back into a single-sequence CompressedCache with fresh headroom.
@@ -547,10 +581,14 @@ def load_cache(
     expected_shape: the model's (layers, KV heads, head_dim), checked before any allocation.
     accept: the caller's own check of the header (raise KvcliError to refuse), run on the
     same open file as the tensors, before any allocation.
-    headroom: free rows per head (capped, see HEADROOM_FLOOR_BYTES; decoding grows it).
+    headroom: free rows per head (default kvcli.cache.DEFAULT_HEADROOM; capped, see
+    HEADROOM_FLOOR_BYTES; decoding grows it).
     pin_memory: read into page-locked memory before a CUDA upload (default: see PIN_MEMORY).
     Every failure is a one-line KvcliError.
     """
+    from kvcli.cache import DEFAULT_HEADROOM
+
+    headroom = DEFAULT_HEADROOM if headroom is None else headroom
     path = Path(path)
     with _open(path) as f:
         header, tensors, data_start, data_len = _parse(path, f)
@@ -567,18 +605,22 @@ def load_cache(
 
 
 def _resolve_dtype(path: Path, dtype, header: KvcHeader) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype
     if name is None:
         name = header.source_dtype if header.kv_dtype in _BITS else header.kv_dtype
-    if name not in _DTYPES:
+    if name not in _FLOAT_KV:
         raise KvcliError(f"{path}: unknown dtype {name!r}")
-    return _DTYPES[name]
+    return _dtypes()[name]
 
 
 def _headroom_rows(header: KvcHeader, compute: torch.dtype, requested: int) -> int:
     """Free rows per head, so that headroom costs at most max(kept rows, the floor) bytes."""
+    import torch
+
     heads = sum(len(layer) for layer in header.lengths)
     row_bytes = heads * header.head_dim * 2 * torch.empty(0, dtype=compute).element_size()  # keys + values
     kept = sum(sum(layer) for layer in header.lengths)
@@ -655,6 +697,11 @@ def _expected_tensors(path: Path, header: KvcHeader) -> tuple[dict[str, tuple[st
 
 
 def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, data_len, device, dtype, headroom, pin_memory) -> CompressedCache:
+    import torch
+
+    from kvcli.cache import CompressedCache
+    from kvcli.store.quantize import dequantize
+
     def corrupt(reason: str) -> KvcliError:
         return KvcliError(f"{path} is corrupted: {reason}")
 
@@ -712,7 +759,7 @@ def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, 
 
     def tensor(name: str) -> torch.Tensor:
         t = tensors[name]
-        return buf[t.begin : t.end].view(_ST_TORCH[t.dtype]).view(t.shape)  # aligned: checked in _tensor_table
+        return buf[t.begin : t.end].view(_st_torch()[t.dtype]).view(t.shape)  # aligned: checked in _tensor_table
 
     def upload(t: torch.Tensor) -> torch.Tensor:
         return t if device.type == "cpu" else t.to(device, non_blocking=pin)
@@ -755,6 +802,10 @@ def _layer(keys, values, positions, lengths: list[int], headroom: int, device, c
     dtype: cast to `compute` by the copies); the layout is built there, one slice copy
     per head.
     """
+    import torch
+
+    from kvcli.cache import LayerCache
+
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n + headroom)

@@ -4,7 +4,7 @@ A question-agnostic cache holds [prefix][document]; the file records the exact p
 tokens, so a later question part appended after it reproduces the prompt a one-shot
 `ask --agnostic` would have built. The store keeps such files under the user cache dir,
 named by a hash of everything that determines their content (document, model, method,
-budget, kv dtype), so `ask DOC Q --reuse` pays for reading a document once.
+budget, kv dtype, reading precision), so `ask DOC Q --reuse` pays for reading a document once.
 
 The store is private (directory 0700, files 0600: a cache holds the document's content in
 its keys and values, and its header names it) and its files are not trusted for their
@@ -24,8 +24,9 @@ from typing import Callable
 from kvcli import __version__
 from kvcli.compress.reading import Compressed, Progress, read
 from kvcli.attention import cache_shape
+from kvcli.citations import TokenPages, kept_per_page
 from kvcli.store.header import KvcHeader
-from kvcli.store.kvcfile import load_cache, read_header, save_cache
+from kvcli.store.kvcfile import is_cache_file, load_cache, read_header, save_cache
 from kvcli.documents import Document
 from kvcli.errors import KvcliError
 from kvcli.compress.methods import Press, make_press
@@ -53,13 +54,23 @@ def header_for(model: LoadedModel, document: Document, compressed: Compressed, k
             "sha256": document.sha256,
             "pages": [[p.page, p.start, p.end] for p in document.pages],
             "tokens": compressed.document_tokens,
+            **(compressed.pages.header_fields() if compressed.pages is not None else {}),
         },
         "prefix_ids": compressed.layout.prefix_ids,
         "method": {**compressed.press.describe(), "agnostic": True},
-        "stats": {k: v for k, v in compressed.stats().items() if k not in ("method", "ratio", "budget", "agnostic")},
+        "stats": {k: v for k, v in compressed.stats().items() if k not in ("method", "ratio", "budget", "agnostic")} | _kept_per_page(compressed)
+        | {"read_precision": model.precision.reading},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kvcli_version": __version__,
     }
+
+
+def _kept_per_page(compressed: Compressed) -> dict:
+    """{"kept_per_page": {"pages", "kept_share"}} for `kvcli info` to show from the header alone."""
+    if compressed.pages is None:
+        return {}
+    shares = kept_per_page(compressed.cache, compressed.kept, compressed.pages, len(compressed.layout.prefix_ids))
+    return {"kept_per_page": {"pages": shares["pages"], "kept_share": shares["kept_share"]}}
 
 
 def compress(
@@ -74,9 +85,10 @@ def compress(
     max_context: int | None = None,
     mode: int | None = None,
 ) -> tuple[Compressed, int]:
-    """Read `document` question-agnostically, compress it and save it to `output` (atomic;
-    `mode` for a new file, see kvcfile.atomic_write)."""
-    compressed = read(model, document, press, question=None, chunk_size=chunk_size, progress=progress, max_context=max_context)
+    """Read `document` question-agnostically in the model's reading precision, compress it
+    and save it to `output` (atomic; `mode` for a new file, see kvcfile.atomic_write)."""
+    with model.reading() as reader:
+        compressed = read(reader, document, press, question=None, chunk_size=chunk_size, progress=progress, max_context=max_context)
     header = header_for(model, document, compressed, kv_dtype)
     written = save_cache(output, compressed.cache, header, kv_dtype=kv_dtype, mode=mode)
     compressed.source = str(output)
@@ -120,12 +132,9 @@ def load(
         agnostic=True,
         document_tokens=document.tokens,
         source=str(path),
+        pages=None if document.token_pages is None else TokenPages(None if document.token_ids is None else list(document.token_ids), list(document.token_pages)),
     )
     return compressed, header
-
-
-def is_cache_file(source: str) -> bool:
-    return source.endswith(".kvc")
 
 
 # ---- the content-addressed store ------------------------------------------------------
@@ -150,13 +159,15 @@ def ensure_store_dir() -> Path:
 
 
 def store_key(model: LoadedModel, document: Document, press: Press, kv_dtype: str) -> str:
+    # The reading precision is part of what a cache is: a bfloat16-autocast read stores
+    # float32 rows too, so kv_dtype alone cannot tell it from a float32 read.
     identity = json.dumps(
-        [document.sha256, model.fingerprint, press.name, press.ratio, press.budget, kv_dtype], sort_keys=True
+        [document.sha256, model.fingerprint, press.name, press.ratio, press.budget, kv_dtype, model.precision.reading], sort_keys=True
     )
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
-def _matches_key(path: Path, document: Document, press: Press, kv_dtype: str) -> Callable[[KvcHeader], None]:
+def _matches_key(path: Path, document: Document, press: Press, kv_dtype: str, reading: str) -> Callable[[KvcHeader], None]:
     """A check that the file at a store key really is what the key stands for (the model's
     fingerprint and shapes are checked by `load` itself)."""
 
@@ -168,6 +179,9 @@ def _matches_key(path: Path, document: Document, press: Press, kv_dtype: str) ->
             raise KvcliError(f"{path.name} was compressed with {method.method} (ratio {method.ratio}, budget {method.budget})")
         if kv_dtype != "auto" and header.kv_dtype != kv_dtype:
             raise KvcliError(f"{path.name} is stored as {header.kv_dtype}, not {kv_dtype}")
+        stored = (header.stats or {}).get("read_precision")
+        if stored is not None and stored != reading:
+            raise KvcliError(f"{path.name} was read in {stored}, not {reading}")
 
     return check
 
@@ -192,7 +206,7 @@ def reuse(
     warning = None
     if os.path.lexists(path):
         try:
-            return load(model, path, accept=_matches_key(path, document, press, kv_dtype))[0], True, None
+            return load(model, path, accept=_matches_key(path, document, press, kv_dtype, model.precision.reading))[0], True, None
         except KvcliError as e:  # corrupt, stale or planted: compress again below, replacing it atomically
             warning = f"ignored the stored cache: {e}; compressed the document again"
     ensure_store_dir()
