@@ -57,3 +57,18 @@ def test_the_fused_log_sum_exp_is_used_on_the_cpu_and_matches(dtype):
     visible = torch.arange(100)[None] <= 60 + torch.arange(40)[:, None]
     expected = logits.masked_fill(~visible, float("-inf")).logsumexp(-1)
     torch.testing.assert_close(lse, expected, rtol=1e-4, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+def test_scoring_only_the_first_columns_is_the_same_as_slicing(reduce, fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(window, "_CPU_FLASH", None)
+    torch.manual_seed(3)
+    queries, keys = torch.randn(6, QUERY_BLOCK + 20, 16), torch.randn(2, 700, 16)
+    whole = window_attention_torch(queries, keys, 0.3, 700 - QUERY_BLOCK - 20, reduce)
+    part = window_attention_torch(queries, keys, 0.3, 700 - QUERY_BLOCK - 20, reduce, columns=300)
+    assert part.shape == (2, 300)
+    torch.testing.assert_close(part, whole[:, :300], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="columns"):
+        window_attention_torch(queries, keys, 0.3, 200, reduce, columns=201)  # query 0 sees only 201 keys

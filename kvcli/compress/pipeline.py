@@ -142,13 +142,15 @@ class _StepAttention:
         and every other row gets 0 (KVzip: a chunk's reconstruction scores its own chunk)."""
         rows = visible.shape[1]
         if self.span is None:
-            return window_attention(queries, with_probe, scale, rows, self.reduce)[:, :rows]
+            return window_attention(queries, with_probe, scale, rows, self.reduce, columns=rows)
         shift = rows - self.length  # rows kept by earlier steps come before the step's rows
         start, stop = self.span[0] + shift, self.span[1] + shift
-        sub = torch.cat([visible[:, : self.sinks], visible[:, start:stop], with_probe[:, rows:]], dim=1)
-        scored = window_attention(queries, sub, scale, sub.shape[1] - probe_length, self.reduce)
+        # [span][sinks][probe]: the softmax does not care about the order of its keys, and
+        # the span first lets only its columns be scored
+        sub = torch.cat([visible[:, start:stop], visible[:, : self.sinks], with_probe[:, rows:]], dim=1)
+        scored = window_attention(queries, sub, scale, sub.shape[1] - probe_length, self.reduce, columns=stop - start)
         out = torch.zeros(visible.shape[0], rows, dtype=scored.dtype, device=scored.device)
-        out[:, start:stop] = scored[:, self.sinks : self.sinks + stop - start]
+        out[:, start:stop] = scored
         return out
 
     def attend_prompt(self, query: torch.Tensor, scale: float) -> torch.Tensor:

@@ -13,11 +13,14 @@ import torch
 QUERY_BLOCK = 256
 
 
-def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str) -> torch.Tensor:
-    """queries [Hq, W, D], keys [Hkv, T, D] -> [Hkv, T] fp32.
+def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str,
+                           columns: int | None = None) -> torch.Tensor:
+    """queries [Hq, W, D], keys [Hkv, T, D] -> [Hkv, T] fp32 (or [Hkv, columns]).
 
     Query i sees keys 0..causal_offset+i. reduce="sum": sum over queries, mean over the
-    group (SnapKV / Ada-KV); reduce="max": max over both (KVzip).
+    group (SnapKV / Ada-KV); reduce="max": max over both (KVzip). columns: score only the
+    first `columns` keys (<= causal_offset: keys every query sees); the others still count
+    in each query's softmax. A probe scores the prompt's rows, not its own.
 
     Per block of queries only the keys the block can see are multiplied, and only the
     block's own causal triangle is masked; probabilities come from the log-sum-exp
@@ -28,7 +31,7 @@ def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: flo
     """
     dtype = _matmul_dtype(keys)  # before autocast is turned off for the float32 statistics
     with torch.autocast(keys.device.type, enabled=False):
-        return _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype)
+        return _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype, columns)
 
 
 def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -38,17 +41,21 @@ def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype if tensor.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype) -> torch.Tensor:
+def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype, columns) -> torch.Tensor:
     num_q_heads, window, _ = queries.shape
     num_kv_heads, length, _ = keys.shape
     group = num_q_heads // num_kv_heads
+    if columns is not None and not 0 <= columns <= min(causal_offset, length):
+        raise ValueError(f"columns={columns} must be keys every query sees (at most {min(causal_offset, length)})")
     keys_m = keys.to(dtype).repeat_interleave(group, dim=0)  # [Hq, T, D]
     lse = _fused_logsumexp(queries.to(dtype), keys_m, scale, causal_offset)  # [Hq, W] or None
-    out = torch.zeros(num_q_heads, length, dtype=torch.float32, device=keys.device)
+    # With the log-sum-exp known, only the scored columns need logits; else every seen one.
+    scored = columns if columns is not None and lse is not None else length
+    out = torch.zeros(num_q_heads, scored, dtype=torch.float32, device=keys.device)
     for start in range(0, window, QUERY_BLOCK):
         q = queries[:, start : start + QUERY_BLOCK].to(dtype)  # [Hq, w, D]
         rows = q.shape[1]
-        seen = min(causal_offset + start + rows, length)  # keys the block's last query sees
+        seen = min(causal_offset + start + rows, scored)  # keys the block's last query sees
         logits = torch.matmul(q, keys_m[:, :seen].transpose(1, 2)).float().mul_(scale)  # [Hq, w, seen]
         first = causal_offset + start  # first key not every query of the block sees
         if first + 1 < seen:
@@ -59,7 +66,7 @@ def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype) 
             out[:, :seen] = torch.maximum(out[:, :seen], logits.amax(dim=1).exp())
         else:
             out[:, :seen] += logits.exp_().sum(dim=1)
-    out = out.view(num_kv_heads, group, length)
+    out = out[:, :columns].reshape(num_kv_heads, group, -1)
     return out.amax(dim=1) if reduce == "max" else out.mean(dim=1)
 
 
@@ -88,12 +95,13 @@ def _future(rows: int, columns: int, device) -> torch.Tensor:
     return torch.arange(columns, device=device).unsqueeze(0) >= torch.arange(rows, device=device).unsqueeze(1)
 
 
-def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str) -> torch.Tensor:
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str,
+                     columns: int | None = None) -> torch.Tensor:
     if queries.is_cuda:
         from kvcli.kernels import window_scores
 
-        return window_scores.window_scores(queries, keys, scale, causal_offset, reduce)
-    return window_attention_torch(queries, keys, scale, causal_offset, reduce)
+        return window_scores.window_scores(queries, keys, scale, causal_offset, reduce)[:, :columns]
+    return window_attention_torch(queries, keys, scale, causal_offset, reduce, columns)
 
 
 def window_probabilities(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int) -> torch.Tensor:
