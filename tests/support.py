@@ -302,6 +302,25 @@ def raw(url, method, path, body: bytes | None = None, headers=None, *, token=Tru
     return response.status, data
 
 
+def stall_document_loads(monkeypatch, only: str | None = None) -> tuple[threading.Event, threading.Event]:
+    """Make the service's document loads (of `only`, else every one) wait, as a FIFO or a slow
+    network file does: (entered, release): `entered` is set when a request is inside one,
+    which then waits for `release` (at most 60 s)."""
+    from kvcli.serve import service as service_module
+
+    entered, release = threading.Event(), threading.Event()
+    load = service_module.load_document
+
+    def stuck(source, **kwargs):
+        if only is None or source == only:
+            entered.set()
+            release.wait(60)
+        return load(source, **kwargs)
+
+    monkeypatch.setattr(service_module, "load_document", stuck)
+    return entered, release
+
+
 def ask_body(**extra):
     return {"text": DOCUMENT, "question": "Who counted?", "max_new_tokens": 6, **extra}
 

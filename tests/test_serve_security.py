@@ -21,7 +21,7 @@ from kvcli.serve import requests
 from kvcli.serve.client import Client
 from kvcli.serve.server import make_server, server_url
 from kvcli.serve.token import token_path
-from tests.support import DOCUMENT, ask, ask_body, raw, start, tiny_service, wait_idle
+from tests.support import DOCUMENT, ask, ask_body, raw, stall_document_loads, start, tiny_service, wait_idle
 
 
 def strict_json(data: bytes):
@@ -194,20 +194,9 @@ def test_several_questions_are_answered_over_one_cache_not_one_copy_each(service
 
 
 def test_a_stuck_document_read_does_not_hold_the_model(url, service, monkeypatch, tmp_path):
-    from kvcli.serve import service as service_module
-
     slow = tmp_path / "slow.txt"
     slow.write_text(DOCUMENT)
-    entered, release = threading.Event(), threading.Event()
-    load = service_module.load_document
-
-    def stuck(source, **kwargs):
-        if source == str(slow):
-            entered.set()
-            release.wait(60)  # what a FIFO or a slow network file does
-        return load(source, **kwargs)
-
-    monkeypatch.setattr(service_module, "load_document", stuck)
+    entered, release = stall_document_loads(monkeypatch, only=str(slow))
     results = {}
 
     def slow_request():
@@ -363,17 +352,7 @@ def test_requests_in_flight_are_bounded(service, monkeypatch):
     server = make_server(service, host="127.0.0.1", port=0, max_in_flight=1)
     start(server)
     url = server_url(server)
-    entered, release = threading.Event(), threading.Event()
-    from kvcli.serve import service as service_module
-
-    load = service_module.load_document
-
-    def stuck(source, **kwargs):
-        entered.set()
-        release.wait(60)
-        return load(source, **kwargs)
-
-    monkeypatch.setattr(service_module, "load_document", stuck)
+    entered, release = stall_document_loads(monkeypatch)
     first = threading.Thread(target=lambda: raw(url, "POST", "/ask", json.dumps(ask_body(stream=False, max_new_tokens=2)).encode()))
     first.start()
     try:
@@ -388,18 +367,8 @@ def test_requests_in_flight_are_bounded(service, monkeypatch):
 
 
 def test_model_requests_beyond_max_pending_get_503_while_listings_still_answer(url, service, monkeypatch):
-    from kvcli.serve import service as service_module
-
     service.max_pending = 1
-    entered, release = threading.Event(), threading.Event()
-    load = service_module.load_document
-
-    def stuck(source, **kwargs):
-        entered.set()
-        release.wait(60)
-        return load(source, **kwargs)
-
-    monkeypatch.setattr(service_module, "load_document", stuck)
+    entered, release = stall_document_loads(monkeypatch)
     first = threading.Thread(target=lambda: raw(url, "POST", "/ask", json.dumps(ask_body(stream=False, max_new_tokens=2)).encode()))
     first.start()
     try:

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
@@ -121,7 +120,7 @@ def _run_question(
     from_file = is_cache_file(source)
     if from_file and not server:
         read_header(source)  # a bad file fails here, before torch and the model are loaded
-    from kvcli import api, generate
+    from kvcli import api
     from kvcli.store import persist
     from kvcli.compress.methods import make_press
 
@@ -149,11 +148,11 @@ def _run_question(
         doc_info = header.document.as_dict()
         reporter.note(f"[dim]reusing {source}: {header.document.name}, {header.method.method} at ratio {header.method.ratio}[/]")
     else:
-        # the reading precision: bf16 autocast around the float32 weights on a CPU with AMX / AVX-512 BF16
-        with reporter.layers(f"Reading {document.name}") as progress, loaded.reading() as reader:
+        # api.read and persist read in the model's reading precision (kvcli.precision)
+        with reporter.layers(f"Reading {document.name}") as progress:
             if reuse:
                 compressed, hit, warning = persist.reuse(
-                    reader, document, press, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
+                    loaded, document, press, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
                 )
                 if warning:
                     reporter.warn(warning)
@@ -163,7 +162,7 @@ def _run_question(
             else:
                 aware = len(questions) == 1 and not agnostic
                 compressed = api.read(
-                    reader, document, press, question=questions[0] if aware else None, chunk_size=chunk_size,
+                    loaded, document, press, question=questions[0] if aware else None, chunk_size=chunk_size,
                     headroom_tokens=max_new_tokens, progress=progress, max_context=max_context,
                 )
         notice = api.progressive_notice(compressed)
@@ -171,9 +170,7 @@ def _run_question(
             reporter.note(f"[dim]{notice}[/]")
         doc_info = api.document_info(document)
     stream = not json_out and len(questions) == 1
-    # Decoding runs in loaded.dtype: a cache read in another precision is cast once, kept rows only.
-    decoding = replace(compressed, cache=generate.in_dtype(compressed.cache, loaded.dtype))
-    answers = api.answer(loaded, decoding, questions, generation, on_text=_print_text if stream else None, started=started, cite=cite)
+    answers = api.answer(loaded, compressed, questions, generation, on_text=_print_text if stream else None, started=started, cite=cite)
     process_start = process_started()
     for result in answers:
         if json_out:
@@ -330,9 +327,9 @@ def compress(
         press = make_press(method, ratio=ratio, budget=budget, alpha=alpha)
         doc = _load_document(document, password, reporter)
         loaded = load_model_reporting(model, device, reporter, requested)
-        with reporter.layers(f"Compressing {doc.name}") as progress, loaded.reading() as reader:
+        with reporter.layers(f"Compressing {doc.name}") as progress:
             compressed, written = persist.compress(  # kv auto: stored in the dtype it was read into
-                reader, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
+                loaded, doc, press, output, kv_dtype=kv_dtype, chunk_size=chunk_size, progress=progress, max_context=max_context
             )
         notice = api.progressive_notice(compressed)
         if notice:
