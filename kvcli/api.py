@@ -28,7 +28,7 @@ from kvcli.errors import KvcliError
 from kvcli.models import LoadedModel
 from kvcli.prompts import SUMMARY_INSTRUCTION
 
-__all__ = ["Compressed", "Generation", "Answer", "read", "answer", "ask", "summarize", "report", "kept_per_page", "context_limit", "check_fits", "progressive_notice"]
+__all__ = ["Compressed", "Generation", "Answer", "read", "answer", "ask", "summarize", "report", "context_limit", "check_fits", "progressive_notice"]
 TextCallback = Callable[[int, str], None]  # (question index, new text)
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -264,13 +264,7 @@ def report(model: LoadedModel, document: dict, compressed: Compressed, answer_: 
             "new_tokens": answer_.tokens,
         },
         "cache": compressed.stats(),
-        **({"kept_per_page": kept_per_page(compressed)} if compressed.pages is not None else {}),
+        **({"kept_per_page": compressed.kept_per_page()} if compressed.pages is not None else {}),
         **({"citations": [c.as_dict() for c in answer_.citations]} if answer_.citations is not None else {}),
     }
 
-
-def kept_per_page(compressed: Compressed) -> dict:
-    """{"pages", "tokens", "kept_share"}: the share of each page's document tokens kept, over
-    all layers and heads (kvcli.citations.kept_per_page has it per layer too)."""
-    shares = page_citations.kept_per_page(compressed.cache, compressed.kept, compressed.pages, len(compressed.layout.prefix_ids))
-    return {key: shares[key] for key in ("pages", "tokens", "kept_share")}

@@ -62,7 +62,7 @@ def test_info_reports_kept_share_per_page(saved):
     result = CliRunner().invoke(app, ["info", str(path), "--json"])
     assert result.exit_code == 0, result.output
     shares = json.loads(result.stdout)["kept_per_page"]
-    expected = api.kept_per_page(compressed)
+    expected = compressed.kept_per_page()
     assert list(shares) == ["1", "2", "3"] and list(shares.values()) == expected["kept_share"]
     assert all(0 < s < 1 for s in shares.values())
     text = CliRunner().invoke(app, ["info", str(path)])

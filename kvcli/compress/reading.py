@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from kvcli.cache import CompressedCache
-from kvcli.citations import TokenPages
+from kvcli.citations import TokenPages, kept_per_page as page_shares
 from kvcli.compress.methods import Press, default_method, make_press
 from kvcli.compress.pipeline import DEFAULT_CHUNK, PrefillResult, prefill
 from kvcli.documents import Document
@@ -52,6 +52,15 @@ class Compressed:
     def bytes_per_row(self) -> int:
         keys = self.cache.layers[0].keys
         return keys.shape[-1] * keys.element_size() * 2
+
+    def kept_per_page(self) -> dict | None:
+        """{"pages", "tokens", "kept_share"}: the share of each page's document tokens kept,
+        over all layers and heads (kvcli.citations.kept_per_page has it per layer too);
+        None without a page map."""
+        if self.pages is None:
+            return None
+        shares = page_shares(self.cache, self.kept, self.pages, len(self.layout.prefix_ids))
+        return {key: shares[key] for key in ("pages", "tokens", "kept_share")}
 
     def stats(self) -> dict:
         kept = self.kept  # [L, Hkv] incl. prefix/question rows

@@ -24,7 +24,7 @@ from typing import Callable
 from kvcli import __version__
 from kvcli.compress.reading import Compressed, Progress, read
 from kvcli.attention import cache_shape
-from kvcli.citations import TokenPages, kept_per_page
+from kvcli.citations import TokenPages
 from kvcli.store.header import KvcHeader
 from kvcli.store.kvcfile import is_cache_file, load_cache, read_header, save_cache
 from kvcli.documents import Document
@@ -67,10 +67,8 @@ def header_for(model: LoadedModel, document: Document, compressed: Compressed, k
 
 def _kept_per_page(compressed: Compressed) -> dict:
     """{"kept_per_page": {"pages", "kept_share"}} for `kvcli info` to show from the header alone."""
-    if compressed.pages is None:
-        return {}
-    shares = kept_per_page(compressed.cache, compressed.kept, compressed.pages, len(compressed.layout.prefix_ids))
-    return {"kept_per_page": {"pages": shares["pages"], "kept_share": shares["kept_share"]}}
+    shares = compressed.kept_per_page()
+    return {} if shares is None else {"kept_per_page": {"pages": shares["pages"], "kept_share": shares["kept_share"]}}
 
 
 def compress(
