@@ -168,10 +168,12 @@ def _combine_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     num_splits, m_pad, N_Q, CHUNK,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
-    """One program per (pair, query row): merges the row's active chunks BLOCK_S at a time
-    (lane j merges chunks j, j + BLOCK_S, ... online; the lanes are merged at the end)."""
+    """One program per (pair, query row, BLOCK_DC columns): merges the row's active chunks
+    BLOCK_S at a time (lane j merges chunks j, j + BLOCK_S, ... online; the lanes are merged
+    at the end). Splitting the columns gives a decode step (8 pairs x 4 rows) 4x the
+    programs, and each walks its partials in quarter-width loads."""
     pid_pair = tl.program_id(0)
     r = tl.program_id(1)  # packed query row g * n + i
     b = pid_pair // HKV
@@ -179,10 +181,10 @@ def _combine_kernel(
     length = tl.load(Lengths + pid_pair)
     active = tl.cdiv(length, CHUNK)  # chunks that hold rows of this head
     base = (pid_pair.to(tl.int64) * m_pad + r) * num_splits
-    d = tl.arange(0, BLOCK_D)
+    d = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     m_v = tl.full([BLOCK_S], float("-inf"), tl.float32)
     l_v = tl.zeros([BLOCK_S], tl.float32)
-    acc_v = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([BLOCK_S, BLOCK_DC], tl.float32)
     for s0 in range(0, active, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < active
@@ -199,7 +201,7 @@ def _combine_kernel(
     m_all = tl.max(m_v, 0)
     w = tl.exp2(m_v - tl.where(m_all == float("-inf"), 0.0, m_all))  # [BLOCK_S]
     l_all = tl.sum(l_v * w, 0)
-    acc = tl.sum(acc_v * w[:, None], 0)  # [BLOCK_D]
+    acc = tl.sum(acc_v * w[:, None], 0)  # [BLOCK_DC]
     out = acc / tl.where(l_all > 0, l_all, 1.0)  # no key seen: acc = 0 -> out = 0
     g = r // N_Q
     i = r % N_Q
@@ -216,18 +218,27 @@ def _num_sms(device: torch.device) -> int:
     return 132  # interpreter: pretend H100, only changes the split heuristic
 
 
-def choose_splits(max_length: int, pairs: int, block_n: int, num_sms: int, max_splits: int = 1024) -> tuple[int, int]:
-    """(num_splits, chunk rows): chunks of >= 2 blocks; about 8 programs per SM if every
-    head had the max length (Ada-KV skew leaves ~1/3 of them with work); capped. Empty
-    chunks exit at once. 8, not more: on an H100 with 8 KV heads of 131K mean (lognormal
-    lengths) 126 splits read at 2.57-2.60 TB/s, 504 splits (32 per SM) at 2.34 TB/s: the
-    combine's scratch traffic and per-program start-up grow with the splits (BENCHMARKS.md)."""
+def choose_splits(max_length: int, total_rows: int, pairs: int, block_n: int, num_sms: int,
+                  programs_per_sm: int | None = None, max_splits: int = 1024) -> tuple[int, int]:
+    """(num_splits, chunk rows) of the split-K plan; chunks past a head's length exit at once.
+
+    programs_per_sm None (the default): chunks of >= 2 blocks, sized from the longest head so
+    that about 8 programs per SM would run if every head had its length. 8, not more: on an
+    H100 with 8 KV heads of 131K mean (lognormal lengths) 126 splits read at 2.57-2.60 TB/s,
+    504 splits (32 per SM) at 2.34 TB/s (BENCHMARKS.md). With Ada-KV skew that leaves ~2
+    programs with work per SM at every length (kernels/NOTES.md, section 5).
+    programs_per_sm N: chunks of >= 1 block, sized from the `total_rows` held (every head's
+    segment, all sequences and query blocks), so that about N programs per SM have work
+    whatever the skew. Not the default until measured on a GPU (NOTES.md, section 5).
+    """
     if max_length <= 0:
         return 1, block_n
-    by_length = triton.cdiv(max_length, 2 * block_n)
-    wanted = triton.cdiv(8 * num_sms, max(pairs, 1))
-    splits = max(1, min(by_length, wanted, max_splits))
-    return _chunking(max_length, splits, block_n)
+    if programs_per_sm is None:
+        by_length = triton.cdiv(max_length, 2 * block_n)
+        return _chunking(max_length, max(1, min(by_length, triton.cdiv(8 * num_sms, max(pairs, 1)), max_splits)), block_n)
+    per_program = triton.cdiv(max(total_rows, 1), programs_per_sm * num_sms)
+    chunk = max(block_n, triton.cdiv(per_program, block_n) * block_n)
+    return _chunking(max_length, min(triton.cdiv(max_length, chunk), max_splits), block_n)
 
 
 def _chunking(max_length: int, splits: int, block_n: int) -> tuple[int, int]:
@@ -235,9 +246,15 @@ def _chunking(max_length: int, splits: int, block_n: int) -> tuple[int, int]:
     return triton.cdiv(max(max_length, 1), chunk), chunk
 
 
-def launch_config(batch, num_kv_heads, group, n, head_dim, max_length, device, *,
-                  num_splits=None, block_n=None, num_warps=None, num_stages=None) -> dict:
-    """Tile sizes and split-K plan of `decode_attention` (also printed by the benchmark)."""
+def launch_config(batch, num_kv_heads, group, n, head_dim, max_length, device, *, total_rows=None,
+                  num_splits=None, block_n=None, num_warps=None, num_stages=None, programs_per_sm=None,
+                  combine_columns=None) -> dict:
+    """Tile sizes and split-K plan of `decode_attention` (also printed by the benchmark).
+
+    total_rows: rows per sequence the cache holds (its capacity; default max_length per head);
+    programs_per_sm: see choose_splits; combine_columns: columns per combine program
+    (default all of D: one program per query row).
+    """
     rows = group * n  # packed query rows per KV head
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = min(max(16, triton.next_power_of_2(rows)), 64 if block_d <= 128 else 32)
@@ -248,13 +265,18 @@ def launch_config(batch, num_kv_heads, group, n, head_dim, max_length, device, *
         num_warps = 4 if block_m * block_d <= 64 * 128 else 8
     if num_stages is None:
         num_stages = 3 if block_d <= 128 else 2
+    if total_rows is None:
+        total_rows = num_kv_heads * max_length
     if num_splits is None:
-        splits, chunk = choose_splits(max_length, batch * num_kv_heads * m_blocks, block_n, _num_sms(torch.device(device)))
+        pairs = batch * num_kv_heads * m_blocks
+        splits, chunk = choose_splits(max_length, batch * total_rows * m_blocks, pairs, block_n, _num_sms(torch.device(device)),
+                                      programs_per_sm)
     else:
         splits, chunk = _chunking(max_length, num_splits, block_n)
-    block_s = min(triton.next_power_of_2(splits), 32 if block_d <= 128 else 16)  # combine: splits per step
+    block_dc = block_d if combine_columns is None else min(block_d, combine_columns)  # combine: columns per program
+    block_s = min(triton.next_power_of_2(splits), 32 * 128 // block_dc)  # combine: splits per step ([block_s, block_dc] fp32)
     return dict(block_m=block_m, block_n=block_n, block_d=block_d, m_blocks=m_blocks, splits=splits, chunk=chunk,
-                num_warps=num_warps, num_stages=num_stages, block_s=block_s)
+                num_warps=num_warps, num_stages=num_stages, block_s=block_s, block_dc=block_dc)
 
 
 def decode_attention(
@@ -270,6 +292,8 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    programs_per_sm: int | None = None,  # see choose_splits
+    combine_columns: int | None = None,  # see launch_config
 ) -> torch.Tensor:  # [B, Hq, n, D], dtype of q
     batch, num_q_heads, n, head_dim = q.shape
     assert keys.shape[0] == batch and values.shape == keys.shape and keys.shape[2] == head_dim
@@ -285,8 +309,9 @@ def decode_attention(
     if max_length is None:
         max_length = int(lengths.max()) if lengths.numel() else 0  # host sync
 
-    cfg = launch_config(batch, num_kv_heads, group, n, head_dim, max_length, q.device,
-                        num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    cfg = launch_config(batch, num_kv_heads, group, n, head_dim, max_length, q.device, total_rows=keys.shape[1],
+                        num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                        programs_per_sm=programs_per_sm, combine_columns=combine_columns)
     block_m, block_n, block_d, m_blocks = cfg["block_m"], cfg["block_n"], cfg["block_d"], cfg["m_blocks"]
     splits, chunk, num_warps, num_stages = cfg["splits"], cfg["chunk"], cfg["num_warps"], cfg["num_stages"]
     pairs = batch * num_kv_heads
@@ -312,12 +337,12 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
-        _combine_kernel[(pairs, group * n)](
+        _combine_kernel[(pairs, group * n, block_d // cfg["block_dc"])](
             mid_m, mid_l, mid_acc, lengths, out,
             *out.stride(),
             splits, m_pad, n, chunk,
             HKV=num_kv_heads, G=group, D=head_dim,
-            BLOCK_S=cfg["block_s"], BLOCK_D=block_d,
+            BLOCK_S=cfg["block_s"], BLOCK_D=block_d, BLOCK_DC=cfg["block_dc"],
             num_warps=4,
         )
     return out
@@ -373,7 +398,7 @@ def benchmark(device: str = "cuda", dtype=torch.bfloat16, means=(2048, 8192, 327
             ref_fn = lambda: decode_attention_reference(q, keys, values, offsets, lengths_d, scale)  # noqa: E731
             t_ref = do_bench(ref_fn, warmup=2, rep=20, return_mode="median")
             err = (fn().float() - ref_fn().float()).abs().max().item()
-            splits = launch_config(batch, num_kv_heads, group, n, head_dim, max_len, device)["splits"]
+            splits = launch_config(batch, num_kv_heads, group, n, head_dim, max_len, device, total_rows=keys.shape[1])["splits"]
             gbs = kv_bytes / t / 1e6
             print(f"{mean:>9} {max_len:>8} {n:>3} {splits:>6} {t * 1e3:>9.1f} {gbs:>6.0f} {100 * gbs / copy_gbs:>5.0f}% "
                   f"{t_ref * 1e3:>12.1f} {t_ref / t:>6.1f}x {err:>8.1e}")
@@ -392,7 +417,7 @@ def sweep(device: str = "cuda", dtype=torch.bfloat16, mean: int = 32768, n: int 
     max_len = int(lengths.max())
     q = torch.randn(1, num_kv_heads * group, n, head_dim, device=device, dtype=dtype)
     kv_bytes = 2 * int(lengths.sum()) * head_dim * keys.element_size()
-    default = launch_config(1, num_kv_heads, group, n, head_dim, max_len, device)
+    default = launch_config(1, num_kv_heads, group, n, head_dim, max_len, device, total_rows=keys.shape[1])
     print(f"sweep: mean kept {mean}, max {max_len}, n={n}; default {default}")
     print(f"{'block_n':>7} {'warps':>5} {'stages':>6} {'splits':>6} {'us':>8} {'GB/s':>6}")
     for block_n in (64, 128, 256):
@@ -411,6 +436,64 @@ def sweep(device: str = "cuda", dtype=torch.bfloat16, mean: int = 32768, n: int 
                     print(f"{block_n:>7} {num_warps:>5} {num_stages:>6} {used:>6} {t * 1e3:>8.1f} {kv_bytes / t / 1e6:>6.0f}")
 
 
+def graph_replayed_us(fn, calls: int = 20) -> float:
+    """Microseconds per call of `fn` replayed from a CUDA graph of `calls` back-to-back calls
+    (how decode runs it: no launch overhead from the host, only the GPU's own gaps)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()  # compile and warm outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / calls
+
+
+def graph_benchmark(device: str = "cuda", dtype=torch.bfloat16, means=(4096, 13107, 32768, 131072),
+                    programs=(2, 4, 8, 16), columns=(32, 128), block_ns=(64, 128)) -> list[dict]:
+    """Decode's shape (B=1, 8 KV heads x 4 query heads, D=128, n=1, lognormal(sigma=1)
+    lengths, 512 rows of headroom per head, max_length = the segment size as decode passes
+    it), graph-replayed: the default plan (chunks sized from the longest head, one combine
+    program per query row) against the plans of kernels/NOTES.md section 5: programs per SM
+    (from the rows held) x combine columns x block_n. Returns the rows; prints a table."""
+    torch.manual_seed(0)
+    num_kv_heads, head_dim, group = 8, 128, 4
+    src = torch.empty(2**29, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() * 2 / graph_replayed_us(lambda: dst.copy_(src), calls=5) / 1e3
+    del src, dst
+    print(f"copy {copy_gbs:.0f} GB/s (graph-replayed, read + write); decode_attention B=1 Hkv=8 G=4 D=128 n=1 {dtype}")
+    print(f"{'mean':>7} {'config':>40} {'splits':>6} {'us':>7} {'GB/s':>6} {'%copy':>6}")
+    rows = []
+    for mean in means:
+        lengths = skewed_lengths(num_kv_heads, mean).view(1, -1)
+        keys, values, offsets = make_cache(1, lengths, head_dim, 512, dtype, device)
+        lengths_d = lengths.to(device=device, dtype=torch.int32)
+        max_len = int((offsets[1:] - offsets[:-1]).max())  # the segment size, as decode passes it
+        q = torch.randn(1, num_kv_heads * group, 1, head_dim, device=device, dtype=dtype)
+        kv_bytes = 2 * int(lengths.sum()) * head_dim * keys.element_size()
+        configs = {"default (longest head, one combine program a row)": {}}
+        for p in programs:
+            for c in columns:
+                for bn in block_ns:
+                    configs[f"{p}/SM, combine {c} cols, block_n {bn}"] = {"programs_per_sm": p, "combine_columns": c, "block_n": bn}
+        for name, kwargs in configs.items():
+            fn = lambda: decode_attention(q, keys, values, offsets, lengths_d, 0.1, max_length=max_len, **kwargs)  # noqa: E731
+            us = graph_replayed_us(fn)
+            cfg = launch_config(1, num_kv_heads, group, 1, head_dim, max_len, device, total_rows=keys.shape[1],
+                                **{k: v for k, v in kwargs.items()})
+            gbs = kv_bytes / us / 1e3
+            row = {"mean": mean, "config": name, "splits": cfg["splits"], "us": us, "gb_s": gbs, "copy_share": gbs / copy_gbs}
+            rows.append(row)
+            print(f"{mean:>7} {name:>40.40} {cfg['splits']:>6} {us:>7.1f} {gbs:>6.0f} {100 * gbs / copy_gbs:>5.0f}%")
+        del keys, values
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -420,7 +503,17 @@ if __name__ == "__main__":
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep")
     parser.add_argument("--sweep-mean", type=int, default=32768, help="mean kept tokens per head of the swept shape")
     parser.add_argument("--sweep-n", type=int, default=1, help="queries per sequence of the swept shape")
+    parser.add_argument("--graph", action="store_true", help="only the graph-replayed table at decode's shape")
+    parser.add_argument("--json", default=None, help="with --graph: also write its rows here")
     args = parser.parse_args()
+    if args.graph:
+        rows = graph_benchmark(dtype=getattr(torch, args.dtype))
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        raise SystemExit(0)
     if not args.sweep_only:
         benchmark(dtype=getattr(torch, args.dtype))
     if args.sweep or args.sweep_only:

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 from kvcli.kernels import interpreting, triton_available  # noqa: E402
 from kvcli.kernels.decode_attention import (  # noqa: E402
+    choose_splits,
     decode_attention,
     decode_attention_reference,
     make_cache,
@@ -158,6 +159,37 @@ def test_decode_attention_heuristic_splits_and_error_detection():
     assert rel_rms(out, ref) < ERR_ATTN[torch.float32]
     wrong = decode_attention(q, keys, values, offsets, lengths, 0.13)
     assert rel_rms(wrong, ref) > 100 * ERR_ATTN[torch.float32]
+
+
+@pytest.mark.parametrize("mean", [4096, 13107, 131072])
+@pytest.mark.parametrize("programs_per_sm", [2, 8])
+def test_split_plan_from_the_rows_held_gives_each_sm_its_programs(mean, programs_per_sm):
+    """Chunks are sized from the rows held, so the programs with work are about
+    programs_per_sm per SM (sizing from the longest head gave ~2 at any length); every head
+    is covered; chunks are whole blocks."""
+    torch.manual_seed(mean)
+    lengths = skewed_lengths(8, mean).tolist()
+    max_length, total = max(lengths) + 512, sum(lengths) + 8 * 512  # segments with decode's headroom
+    splits, chunk = choose_splits(max_length, total, 8, 64, 132, programs_per_sm)
+    assert chunk % 64 == 0 and splits * chunk >= max_length
+    working = sum(-(-length // chunk) for length in lengths)
+    target = programs_per_sm * 132
+    assert 0.5 * target <= working <= target + 8 or chunk == 64, (working, target)
+    # the default plan, from the longest head, leaves far fewer with work (what section 5 of
+    # kernels/NOTES.md is about): about 8 x 132 x mean / max
+    _, longest = choose_splits(max_length, total, 8, 64, 132)
+    assert sum(-(-length // longest) for length in lengths) < 0.5 * 8 * 132
+
+
+@pytest.mark.parametrize("combine_columns", [16, 32, 128])
+def test_decode_attention_combine_column_blocks(combine_columns):
+    """The combine merges the splits in column blocks of any width up to D: same answer."""
+    torch.manual_seed(6)
+    lengths = skewed_lengths(4, 300).view(1, 4).tolist()
+    q, keys, values, offsets, lengths = _decode_case(1, lengths, 4, 2, 64, 1, torch.float32)
+    out = decode_attention(q, keys, values, offsets, lengths, 0.125, num_splits=7, combine_columns=combine_columns)
+    ref = decode_attention_reference(q, keys, values, offsets, lengths, 0.125)
+    assert rel_rms(out, ref) < ERR_ATTN[torch.float32]
 
 
 @GPU_ONLY
