@@ -152,6 +152,13 @@ class CompressedCache:
     layers: list[LayerCache]
     next_position: torch.Tensor  # [B] position the next appended token gets
     original_length: int  # prompt tokens before compression (prefix + document [+ question])
+    # The selection score of every row as compressed, per layer one float32 CPU tensor
+    # [sum of lengths[0]] in the flat order (head after head, as a .kvc file stores rows);
+    # +inf for rows always kept (the prefix, a kept question). With them a heavier cache is
+    # a subset of this one, chosen by the same scores (kvcli.compress.pipeline.derive), with
+    # no model pass. None: unknown (a full cache, progressive reading, an older file).
+    # Working copies (clone, repeat, sequence) drop them: decoding appends unscored rows.
+    scores: list[torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:

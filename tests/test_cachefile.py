@@ -429,6 +429,73 @@ def test_loaded_tensors_do_not_alias_the_read_buffer(tmp_path, monkeypatch):
         assert layer.keys.is_contiguous() and layer.keys.untyped_storage().nbytes() == layer.keys.numel() * 2
 
 
+@pytest.fixture
+def streamed(monkeypatch):
+    """The CUDA load path (page-locked slots, each tensor hashed as its pieces pass) forced
+    on the CPU with slots of 96 bytes, so every tensor crosses many slots and the slots are
+    reused many times over."""
+    monkeypatch.setattr(cachefile, "_streams", lambda device, pin_memory, header: pin_memory is not False and header.format_version != 1)
+    monkeypatch.setattr(cachefile, "STAGING_SLOT_MIN", 96)
+    monkeypatch.setattr(cachefile, "STAGING_BYTES", 96 * 4)
+    pieces = []
+    real = cachefile._Slot.upload
+    monkeypatch.setattr(cachefile._Slot, "upload", lambda self, dst, n: pieces.append(n) or real(self, dst, n))
+    return pieces
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp16", "int8", "int4"])
+def test_streamed_load_equals_the_host_load(tmp_path, streamed, kv_dtype):
+    cache = make_cache(num_layers=3, tokens=50, head_dim=64, dtype=torch.float32, headroom=2)
+    path = tmp_path / "c.kvc"
+    save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
+    loaded, _ = load_cache(path)
+    assert len(streamed) > 40 and max(streamed) == 96  # it did stream, in slot-sized pieces
+    streamed.clear()
+    reference, _ = load_cache(path, pin_memory=False)  # the host-buffer path
+    assert streamed == []
+    assert_same(reference, loaded)
+    if kv_dtype == "auto":
+        assert_same(cache, loaded)
+
+
+def test_streamed_load_verifies_every_piece(saved, streamed, monkeypatch):
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0x01  # somewhere inside a tensor, not on a slot boundary
+    saved.write_bytes(bytes(data))
+    built = []
+    monkeypatch.setattr(cachefile, "_layer", lambda *a, **k: built.append(1))
+    with pytest.raises(KvcliError, match=r"is corrupted \(checksum mismatch\)$"):
+        load_cache(saved)
+    assert built == []
+
+
+def test_streamed_load_falls_back_when_memory_cannot_be_locked(saved, streamed, monkeypatch):
+    real = torch.empty
+
+    def refuse_pinning(*args, **kwargs):
+        if "pin_memory" in kwargs:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refuse_pinning)
+    loaded, _ = load_cache(saved)
+    assert streamed == []  # nothing went through the slots
+    monkeypatch.setattr(torch, "empty", real)
+    assert_same(load_cache(saved, pin_memory=False)[0], loaded)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kv_dtype", ["auto", "int4"])
+def test_cuda_streamed_load_equals_the_pageable_load(tmp_path, kv_dtype):
+    cache = make_cache(num_layers=4, tokens=3000, head_dim=128, dtype=torch.bfloat16, headroom=2)
+    path = tmp_path / "c.kvc"
+    save_cache(path, cache, make_header(), kv_dtype=kv_dtype)
+    streamed, _ = load_cache(path, device="cuda")
+    pageable, _ = load_cache(path, device="cuda", pin_memory=False)
+    assert streamed.layers[0].keys.is_cuda
+    assert_same(pageable, streamed)
+
+
 def test_edited_header_is_detected(saved):
     rewrite(saved, lambda h: h.update(original_length=h["original_length"] + 1))
     with pytest.raises(KvcliError, match=r"is corrupted \(header checksum mismatch\)"):

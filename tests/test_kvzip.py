@@ -47,8 +47,15 @@ def reference_scores(model, layout, scorer) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("chunk_size", [10_000, 120, 50], ids=["1-chunk", "3-chunks", "8-chunks"])
-def test_kvzip_scores_match_the_chunked_reference(chunk_size, char_tokenizer):
+def test_kvzip_scores_match_the_chunked_reference(chunk_size, char_tokenizer, monkeypatch):
+    """On the CPU the probes attend through split_attention (their scoring log-sum-exp from
+    its pieces): the second layer's scores also check the merged attention output."""
+    from kvcli.compress import pipeline
     from tests.support import tiny_llama
+
+    splits = []
+    real_split = pipeline.split_attention
+    monkeypatch.setattr(pipeline, "split_attention", lambda *a: splits.append(1) or real_split(*a))
 
     reference, ours = tiny_llama(8, 2, layers=2)
     reference.set_attn_implementation("eager")
@@ -69,6 +76,7 @@ def test_kvzip_scores_match_the_chunked_reference(chunk_size, char_tokenizer):
     assert chunks == {10_000: 1, 120: 3, 50: 8}[chunk_size]
     for got, want in zip(seen, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert len(splits) == chunks * 2  # every probe, every layer
 
 
 def test_continuation_probe_starts_with_the_previous_chunk_tail(char_tokenizer):

@@ -48,6 +48,17 @@ def test_size_follows_kept_tokens_and_kv_dtype():
     assert m.size(entry, 0, NOWHERE) == 0
 
 
+def test_disk_size_counts_the_scores_files_of_compressed_configs_hold():
+    """The server's .kvc files of compressed configurations carry one fp32 score per row
+    (so they can be compressed further without a read); a full cache has none."""
+    m = manager()
+    entry = Entry("a" * 32, "doc", doc_tokens=1000, prefix_tokens=10)
+    row = 2 * 64 * 2 + 4
+    assert m.size(entry, 0, "disk") == 1010 * 4 * 2 * row
+    assert m.size(entry, 2, "disk") == 260 * 4 * 2 * (row + 4)
+    assert m.size(entry, 2, "gpu") == 260 * 4 * 2 * row  # in memory they are host-side, not counted
+
+
 def test_utility_orders_tiers_configs_and_frequency():
     m = manager(profiler=sensitivity_profiler(set()))
     hot = m.add(Entry("a" * 32, "hot", doc_tokens=20_000))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvcli.compress import window
-from kvcli.compress.window import QUERY_BLOCK, window_attention_torch
+from kvcli.compress.window import QUERY_BLOCK, split_attention, window_attention_torch
 
 
 def dense(queries, keys, scale, offset, reduce):
@@ -72,3 +72,27 @@ def test_scoring_only_the_first_columns_is_the_same_as_slicing(reduce, fused, mo
     torch.testing.assert_close(part, whole[:, :300], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="columns"):
         window_attention_torch(queries, keys, 0.3, 200, reduce, columns=201)  # query 0 sees only 201 keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_attention_is_one_attention_over_all_keys(dtype):
+    """Pieces [seen whole][the queries' own keys, causal][seen whole] merged by their
+    log-sum-exp = one masked attention over every key; the log-sum-exps combine to the whole's."""
+    torch.manual_seed(3)
+    n, d = 37, 16
+    query = torch.randn(1, 6, n, d)
+    pieces = [(torch.randn(1, 2, s, d), torch.randn(1, 2, s, d)) for s in (50, n, 23)]
+    causal = [False, True, False]
+    got, lses = split_attention(query.to(dtype), [(k.to(dtype), v.to(dtype), c) for (k, v), c in zip(pieces, causal)], 0.25)
+    keys = torch.cat([k for k, _ in pieces], dim=2).repeat_interleave(3, dim=1)
+    values = torch.cat([v for _, v in pieces], dim=2).repeat_interleave(3, dim=1)
+    logits = query.double() @ keys.double().transpose(-1, -2) * 0.25  # [1, 6, n, 110]
+    hidden = torch.zeros(n, keys.shape[2], dtype=torch.bool)
+    hidden[:, 50 : 50 + n] = torch.ones(n, n, dtype=torch.bool).triu(1)
+    logits = logits.masked_fill(hidden, float("-inf"))
+    want = logits.softmax(-1) @ values.double()
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(torch.logsumexp(torch.stack(lses), 0).double(), logits.logsumexp(-1), atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lses[1].double(), logits[..., 50 : 50 + n].logsumexp(-1), atol=tolerance, rtol=tolerance)

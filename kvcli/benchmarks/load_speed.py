@@ -7,10 +7,13 @@ That is a ~0.8 GiB file. Values are random: load speed does not depend on them.
 
 Timings are the minimum of --repeats runs after one warm-up, so the file is in the page
 cache (what a reuse right after a save, or a second question, sees). GB/s = file bytes / s.
+--first also times the first load of a fresh process (a child that has only initialised
+CUDA): what `kvcli ask doc.kvc` pays, page-locking of its staging memory included.
 
     python -m kvcli.benchmarks.load_speed                        # CPU, default shape
     python -m kvcli.benchmarks.load_speed --device cuda          # load to the GPU as bf16
     python -m kvcli.benchmarks.load_speed --layers 8 --tokens 16384 --kv-dtype int8
+    python -m kvcli.benchmarks.load_speed --device cuda --first --staging-mib 16,64,256
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 
 from kvcli.cache import CompressedCache, LayerCache
+from kvcli.store import kvcfile
 from kvcli.store.kvcfile import load_cache, read_header, save_cache
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,6 +81,27 @@ def best_of(fn, repeats: int, device: str = "cpu") -> float:
     return best
 
 
+def first_load(path: str, device: str, dtype: str, pin: bool, staging_mib: int) -> dict:
+    """The first and second load of a fresh process (run as a child; CUDA initialised first)."""
+    command = [sys.executable, "-m", "kvcli.benchmarks.load_speed", "--child", path, "--device", device,
+               "--dtype", dtype, "--staging-mib", str(staging_mib)] + (["--pin"] if pin else [])
+    out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=600).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def child(path: str, device: str, dtype: torch.dtype, pin: bool) -> None:
+    if device.startswith("cuda"):
+        torch.empty(1, device=device)  # the CUDA context, as a loaded model has it
+    row = {}
+    for which in ("first", "second"):
+        start = time.perf_counter()
+        cache, _ = load_cache(path, device=device, dtype=dtype, pin_memory=pin)
+        _sync(device)
+        row[f"{which}_s"] = time.perf_counter() - start
+        del cache
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -87,11 +114,18 @@ def main() -> None:
     parser.add_argument("--kv-dtype", default="auto", help="stored dtype: auto, bf16, fp16, fp32, int8, int4")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="bf16", help="compute dtype of the loaded cache")
-    parser.add_argument("--pin", action="store_true", help="read into page-locked memory before the GPU upload")
+    parser.add_argument("--pin", action="store_true", help="stream through page-locked slots to the GPU (else one pageable buffer)")
+    parser.add_argument("--staging-mib", default=str(kvcfile.STAGING_BYTES >> 20), help="page-locked staging sizes to try, comma-separated")
+    parser.add_argument("--first", action="store_true", help="also time the first load of a fresh process")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write the file (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
+    stagings = [int(x) for x in args.staging_mib.split(",")]
+    if args.child:
+        kvcfile.STAGING_BYTES = stagings[0] << 20
+        return child(args.child, args.device, _DTYPES[args.dtype], args.pin)
 
     built = time.perf_counter()
     cache = synthetic_cache(args.layers, args.heads, args.head_dim, args.tokens, args.ratio, args.sigma, _DTYPES[args.cache_dtype])
@@ -106,7 +140,13 @@ def main() -> None:
         header = read_header(path)
         header_s = best_of(lambda: read_header(path), max(args.repeats, 10))
         dtype = _DTYPES[args.dtype]
-        load_s = best_of(lambda: load_cache(path, device=args.device, dtype=dtype, pin_memory=args.pin), args.repeats, args.device)
+        loads = {}
+        for mib in stagings:
+            kvcfile.STAGING_BYTES = mib << 20
+            load_s = best_of(lambda: load_cache(path, device=args.device, dtype=dtype, pin_memory=args.pin), args.repeats, args.device)
+            loads[mib] = {"warm_s": load_s, "warm_gb_s": size / load_s / 1e9}
+            if args.first:
+                loads[mib].update(first_load(path, args.device, args.dtype, args.pin, mib))
     result = {
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "cpus": os.cpu_count(),
@@ -120,8 +160,7 @@ def main() -> None:
         "build_s": built,
         "save_s": save_s,
         "read_header_ms": header_s * 1e3,
-        "load_s": load_s,
-        "load_gb_s": size / load_s / 1e9,
+        "loads_by_staging_mib": loads,
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -24,6 +24,7 @@ head over rows of different lengths.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -37,7 +38,7 @@ from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.compress.methods import Press
 from kvcli.compress.observation import Observation
 from kvcli.compress.scorers import Probe
-from kvcli.compress.window import window_attention, window_probabilities
+from kvcli.compress.window import split_attention, window_attention, window_probabilities
 from kvcli.prompts import PromptLayout
 
 # 2048 tokens per chunk: the MLP activations of a chunk stay small next to one layer's
@@ -131,24 +132,53 @@ class _StepAttention:
                 return _causal(query, self.keys[:, :, :stop], self.values[:, :, :stop], scale)
             return self._attend_heads(query, self.keys[0, :, :stop], self.values[0, :, :stop], scale)
         if self.dense:
+            split = self._probe_split(query, key, value, scale)
+            if split is not None:
+                return split
             keys = torch.cat([self.keys, key], dim=2)
             self._record(self._probe_attention(query[0], self.keys[0], keys[0], key.shape[2], scale))
             return _causal(query, keys, torch.cat([self.values, value], dim=2), scale)
         return self._attend_heads(query, torch.cat([self.keys[0], key[0]], dim=1), torch.cat([self.values[0], value[0]], dim=1), scale, probe=True)
 
-    def _probe_attention(self, queries, visible, with_probe, probe_length, scale):
+    def _probe_split(self, query, key, value, scale):
+        """A dense step's probe attended as `split_attention` pieces: [the rows its scoring
+        softmax sees][the probe itself, causal][the other rows]; the first two pieces'
+        log-sum-exp is the scoring's, so it needs no fused call of its own (CPU; None
+        elsewhere, and the caller attends in one call as before)."""
+        rows = self.length
+        if self.span is None:
+            pieces = [(self.keys, self.values, False), (key, value, True)]
+        else:
+            start, stop = self.span
+            if self.sinks > start:
+                return None
+            seen = torch.cat([torch.arange(start, stop), torch.arange(self.sinks)]).to(self.keys.device)
+            other = torch.cat([torch.arange(self.sinks, start), torch.arange(stop, rows)]).to(self.keys.device)
+            pieces = [(self.keys.index_select(2, seen), self.values.index_select(2, seen), False), (key, value, True),
+                      (self.keys.index_select(2, other), self.values.index_select(2, other), False)]
+        split = split_attention(query, pieces, scale)
+        if split is None:
+            return None
+        out, lses = split
+        lse = torch.logaddexp(lses[0], lses[1])[0]  # [Hq, n]: over [scored rows][the probe]
+        with_probe = torch.cat([self.keys, key], dim=2)[0]
+        self._record(self._probe_attention(query[0], self.keys[0], with_probe, key.shape[2], scale, lse=lse))
+        return out
+
+    def _probe_attention(self, queries, visible, with_probe, probe_length, scale, lse=None):
         """A probe's reduced attention over `visible` rows [H, S, D] (probe keys appended in
         `with_probe`) -> [H, S]. With a span, the softmax runs over [sinks][span][probe] only
-        and every other row gets 0 (KVzip: a chunk's reconstruction scores its own chunk)."""
+        and every other row gets 0 (KVzip: a chunk's reconstruction scores its own chunk).
+        lse: the probe queries' log-sum-exp over those keys, when already known."""
         rows = visible.shape[1]
         if self.span is None:
-            return window_attention(queries, with_probe, scale, rows, self.reduce, columns=rows)
+            return window_attention(queries, with_probe, scale, rows, self.reduce, columns=rows, lse=lse)
         shift = rows - self.length  # rows kept by earlier steps come before the step's rows
         start, stop = self.span[0] + shift, self.span[1] + shift
         # [span][sinks][probe]: the softmax does not care about the order of its keys, and
         # the span first lets only its columns be scored
         sub = torch.cat([visible[:, start:stop], visible[:, : self.sinks], with_probe[:, rows:]], dim=1)
-        scored = window_attention(queries, sub, scale, sub.shape[1] - probe_length, self.reduce, columns=stop - start)
+        scored = window_attention(queries, sub, scale, sub.shape[1] - probe_length, self.reduce, columns=stop - start, lse=lse)
         out = torch.zeros(visible.shape[0], rows, dtype=scored.dtype, device=scored.device)
         out[:, start:stop] = scored
         return out
@@ -249,6 +279,9 @@ class Reading:
     hidden_last: torch.Tensor | None = None  # [1, 1, E] last token's hidden state of the last step
     compression_seconds: float = 0.0
     peak_rows: int = 0  # most K/V rows one layer held at once: kept + step (+ probe)
+    # [L][Hkv] the last step's score of each document row it kept, in row order (None
+    # without a scorer); after a whole-prompt read, the scores of the cache's document rows
+    kept_scores: list[list[torch.Tensor]] | None = None
 
 
 def _observe(scorer, backend: _StepAttention, step: Step, layer, head: int | None, cand: torch.Tensor, seen: torch.Tensor | None,
@@ -441,10 +474,9 @@ def read_steps(model, steps: Iterable[Step], total_steps: int, press: Press, bud
             else:
                 backend.observe_window()
                 kept = _keep(backend, step, scorer, policy, budget, cap, layers[layer_idx], layer_idx, num_layers, prefix)
-                if cross_layer:
-                    candidate_scores.append(kept)
-                    if policy.due(layer_idx, num_layers):
-                        _reallocate(policy, reading.rows[: layer_idx + 1], candidate_scores, budget, prefix, n - step.chunk_tokens if step.keep_tail else 0)
+                candidate_scores.append(kept)
+                if cross_layer and policy.due(layer_idx, num_layers):
+                    _reallocate(policy, reading.rows[: layer_idx + 1], candidate_scores, budget, prefix, n - step.chunk_tokens if step.keep_tail else 0)
             del backend
             _sync(device)
             reading.compression_seconds += time.perf_counter() - tick
@@ -455,6 +487,8 @@ def read_steps(model, steps: Iterable[Step], total_steps: int, press: Press, bud
             tick = time.perf_counter()
             between_steps(reading.rows, step)
             reading.compression_seconds += time.perf_counter() - tick
+        # the scores of the rows this step kept (a re-allocation above trimmed them with the rows)
+        reading.kept_scores = candidate_scores if scorer is not None else None
         reading.hidden_last = norm(hidden[:, -1:])  # one token: cheap to keep for every step
         del hidden, probes
     return reading
@@ -509,5 +543,143 @@ def prefill(model, layout: PromptLayout, press: Press, *, chunk_size: int = DEFA
         keep_tail=True,
     )
     reading = read_steps(model, [step], 1, press, budget, prefix=doc_start, chunk_size=chunk_size, whole_attention=whole_attention, progress=progress)
-    return finish(model, reading, next_position=len(ids), original_length=len(ids), document_tokens=doc_stop - doc_start,
-                  compressed=scorer is not None, started=started, headroom=headroom)
+    result = finish(model, reading, next_position=len(ids), original_length=len(ids), document_tokens=doc_stop - doc_start,
+                    compressed=scorer is not None, started=started, headroom=headroom)
+    # Only a whole-prompt read records its scores: one step sees the whole document, so the
+    # scores do not depend on the budget (progressive reading's later chunks attend to what
+    # earlier ones kept, and its positions are compact: a subset is not what reading again gives).
+    if reading.kept_scores is not None:
+        result.cache.scores = row_scores(result.cache, reading.kept_scores, prefix=doc_start, tail=len(ids) - doc_stop)
+    return result
+
+
+# ---- a heavier cache from a lighter one, by the same scores ------------------------------
+
+
+def row_scores(cache: CompressedCache, kept_scores: list[list[torch.Tensor]], *, prefix: int, tail: int) -> list[torch.Tensor] | None:
+    """Per layer, the flat [sum of lengths] float32 CPU scores of `cache`'s rows: +inf for the
+    `prefix` and `tail` rows every head keeps, kept_scores[l][h] for its document rows.
+    None if they do not line up with the rows (nothing is guessed)."""
+    if len(kept_scores) != len(cache.layers):
+        return None
+    out = []
+    for layer, heads in zip(cache.layers, kept_scores):
+        lengths = layer.lengths[0].tolist()
+        if len(heads) != len(lengths):
+            return None
+        parts = []
+        for n, scores in zip(lengths, heads):
+            if n != prefix + scores.numel() + tail:
+                return None
+            parts += [torch.full((prefix,), math.inf), scores.detach().float().cpu().reshape(-1), torch.full((tail,), math.inf)]
+        out.append(torch.cat(parts) if parts else torch.zeros(0))
+    return out
+
+
+def _budget_free(scorer) -> bool:
+    """Whether the scorer's scores ignore the budget (then a read at any ratio gives the same
+    scores). CriticalKV and DefensiveKV shape theirs by it (kvcli.compress.critical)."""
+    from kvcli.compress.knorm import Knorm
+    from kvcli.compress.scorers import KVzip, RandomScorer, SnapKV, Streaming
+
+    return type(scorer) in (KVzip, SnapKV, Streaming, RandomScorer, Knorm)
+
+
+def derivable(held: Press, target: Press) -> bool:
+    """Whether a cache read with `held` can give, by selection alone, exactly the cache a read
+    with `target` gives: the same method and scorer, scores that ignore the budget, and a
+    nested allocation: each head its own top-k (any layer schedule), or KVzip's one global
+    threshold over per-head candidates. Ada-KV's head allocation and DynamicKV's progressive
+    re-allocations are not nested (a smaller budget can keep a row a larger one dropped):
+    those are read again."""
+    from kvcli.compress.budgets import CrossLayerPolicy, Policy
+
+    if held.name != target.name or target.scorer is None or held.scorer != target.scorer or held.policy != target.policy:
+        return False
+    if not _budget_free(target.scorer):
+        return False
+    policy = target.policy
+    if isinstance(policy, CrossLayerPolicy):
+        return policy.mode == "global"
+    return isinstance(policy, Policy) and policy.heads == "uniform"
+
+
+@torch.inference_mode()
+def derive(cache: CompressedCache, held: Press, target: Press, *, prefix: int, document_tokens: int,
+           headroom: int | None = None) -> CompressedCache | None:
+    """The cache a whole-prompt read with `target` would give, selected from `cache` (read
+    with `held`, a lighter budget, its `scores` recorded) with no model pass; None when it
+    cannot be had exactly from the rows held (then read again).
+
+    Why a subset is exact: with budget-free scores every read ranks a head's document rows
+    the same way, and under both allocations `derivable` allows, each head keeps a prefix of
+    its own ranking. Per-head top-k: the top k' < k of the top k are the top k'. KVzip's
+    global threshold: the candidates are each head's top `cap`; what `cache` holds of a head
+    is the top of that ranking, and every candidate it does not hold scored below every row
+    it does (it lost the lighter threshold); so if the held rows among the new candidates
+    number at least the new total, the new global top-k is among them. The rows keep their
+    order, keys, values and positions; the prefix and a kept question stay.
+    """
+    from kvcli.compress.budgets import CrossLayerPolicy
+
+    if cache.scores is None or cache.batch_size != 1 or not derivable(held, target):
+        return None
+    budget = target.budget_for(document_tokens)
+    held_budget = held.budget_for(document_tokens)
+    if budget is None or held_budget is None or held_budget < budget:
+        return None  # the target keeps rows the held cache may not have
+    num_layers = len(cache.layers)
+    tail = cache.original_length - prefix - document_tokens
+    if tail < 0 or len(cache.scores) != num_layers:
+        return None
+    pools: list[list[torch.Tensor]] = []  # [L][Hkv] scores of the held document rows, row order
+    for layer, flat in zip(cache.layers, cache.scores):
+        lengths = layer.lengths[0].tolist()
+        if flat.numel() != sum(lengths):
+            return None
+        heads, start = [], 0
+        for n in lengths:
+            if n < prefix + tail:
+                return None
+            heads.append(flat[start + prefix : start + n - tail].float())
+            start += n
+        pools.append(heads)
+    policy = target.policy
+    chosen: list[list[torch.Tensor]] = []  # [L][Hkv] sorted indices into the pools
+    if isinstance(policy, CrossLayerPolicy):
+        cap = policy.cap(budget, document_tokens)
+        candidates = [[torch.sort(s.topk(min(cap, s.numel())).indices).values for s in heads] for heads in pools]
+        candidate_scores = [[s[c] for s, c in zip(heads, cands)] for heads, cands in zip(pools, candidates)]
+        total = round(budget * len(pools[0]) * num_layers)
+        if sum(c.numel() for cands in candidates for c in cands) < total:
+            return None  # a fresh read would keep candidates this cache dropped
+        survivors = policy.reallocate(candidate_scores, budget)
+        chosen = [[c[k] for c, k in zip(cands, kept)] for cands, kept in zip(candidates, survivors)]
+    else:
+        for l, heads in enumerate(pools):
+            # padded to the document's length, so the layer's count is the one a read computes
+            padded = torch.full((len(heads), document_tokens), float("-inf"))
+            for h, s in enumerate(heads):
+                padded[h, : s.numel()] = s
+            picked = policy.select(l, num_layers, padded, budget)
+            if any(bool((p >= s.numel()).any()) for p, s in zip(picked, heads)):
+                return None  # a head needs more rows than it holds
+            chosen.append([torch.sort(p).values for p in picked])
+    layers, scores = [], []
+    for l, layer in enumerate(cache.layers):
+        lengths = layer.lengths[0].tolist()
+        free = int((layer.capacity_per_head - layer.lengths[0]).min()) if lengths else 0
+        keys, values, positions, flat_scores = [], [], [], []
+        start = 0
+        for h, n in enumerate(lengths):
+            rows = torch.cat([torch.arange(prefix), prefix + chosen[l][h].cpu().long(), torch.arange(n - tail, n)])
+            k, v, p = layer.head_rows(0, h)
+            device_rows = rows.to(k.device)
+            keys.append(k[device_rows])
+            values.append(v[device_rows])
+            positions.append(p[device_rows])
+            flat_scores.append(cache.scores[l][start + rows])
+            start += n
+        layers.append(LayerCache.from_heads(keys, values, positions, free if headroom is None else headroom))
+        scores.append(torch.cat(flat_scores))
+    return CompressedCache(layers, cache.next_position.clone(), cache.original_length, scores)

@@ -14,7 +14,7 @@ QUERY_BLOCK = 256
 
 
 def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str,
-                           columns: int | None = None) -> torch.Tensor:
+                           columns: int | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """queries [Hq, W, D], keys [Hkv, T, D] -> [Hkv, T] fp32 (or [Hkv, columns]).
 
     Query i sees keys 0..causal_offset+i. reduce="sum": sum over queries, mean over the
@@ -28,10 +28,12 @@ def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: flo
     masking and normalising passes over [Hq, w, T] cost as much as the matmul itself.
     The logits' matmul runs in the reading's precision (bfloat16 under autocast: AMX), the
     softmax statistics in float32, as the reference implementations do in bfloat16.
+    lse: each query's log-sum-exp over these keys [Hq, W] when the caller has it already
+    (`split_attention`); else it comes from the fused kernel, or from the logits.
     """
     dtype = _matmul_dtype(keys)  # before autocast is turned off for the float32 statistics
     with torch.autocast(keys.device.type, enabled=False):
-        return _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype, columns)
+        return _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype, columns, lse)
 
 
 def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -41,14 +43,15 @@ def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype if tensor.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype, columns) -> torch.Tensor:
+def _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype, columns, lse) -> torch.Tensor:
     num_q_heads, window, _ = queries.shape
     num_kv_heads, length, _ = keys.shape
     group = num_q_heads // num_kv_heads
     if columns is not None and not 0 <= columns <= min(causal_offset, length):
         raise ValueError(f"columns={columns} must be keys every query sees (at most {min(causal_offset, length)})")
     keys_m = keys.to(dtype).repeat_interleave(group, dim=0)  # [Hq, T, D]
-    lse = _fused_logsumexp(queries.to(dtype), keys_m, scale, causal_offset)  # [Hq, W] or None
+    if lse is None:
+        lse = _fused_logsumexp(queries.to(dtype), keys_m, scale, causal_offset)  # [Hq, W] or None
     # With the log-sum-exp known, only the scored columns need logits; else every seen one.
     scored = columns if columns is not None and lse is not None else length
     out = torch.zeros(num_q_heads, scored, dtype=torch.float32, device=keys.device)
@@ -90,18 +93,56 @@ def _fused_logsumexp(queries, keys, scale, causal_offset) -> torch.Tensor | None
     return lse[0].float()
 
 
+def split_attention(query: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor, bool]], scale: float):
+    """Attention of query [1, Hq, n, D] over the union of `pieces`, one fused CPU call each.
+
+    pieces: (keys, values [1, Hkv, S, D], causal); a causal piece is the queries' own keys
+    (square, query i sees keys 0..i), the others are seen whole. The calls are merged by
+    their log-sum-exp, so the result is the attention over all keys at once, and each
+    piece's log-sum-exp [1, Hq, n] (float32) comes with it: KVzip's scoring softmax runs over
+    a subset of a probe's keys ([its chunk][sinks][the probe]), whose log-sum-exp would
+    otherwise cost one more fused call over them. The causal piece alone skips its upper
+    triangle, where one masked call cannot.
+
+    Returns (out [1, Hq, n, D] in the reading's matmul dtype, [lse per piece]), or None off
+    the CPU or where the kernel refuses (the caller attends as before).
+    """
+    if _CPU_FLASH is None or query.device.type != "cpu":
+        return None
+    dtype = _matmul_dtype(query)
+    group = query.shape[1] // pieces[0][0].shape[1]
+    q = query.to(dtype)
+    outs, lses = [], []
+    with torch.autocast("cpu", enabled=False):
+        try:
+            for keys, values, causal in pieces:
+                if keys.shape[2] == 0:
+                    lses.append(torch.full(query.shape[:3], float("-inf"), device=query.device))
+                    continue
+                k = keys.to(dtype).repeat_interleave(group, dim=1)
+                v = values.to(dtype).repeat_interleave(group, dim=1)
+                out, lse = _CPU_FLASH(q, k, v, 0.0, causal, scale=scale)[:2]
+                outs.append((out, lse))
+                lses.append(lse.float())
+        except RuntimeError:
+            return None
+        total = torch.logsumexp(torch.stack(lses), dim=0)  # [1, Hq, n]
+        merged = sum(out.float() * (lse.float() - total).exp().unsqueeze(-1) for out, lse in outs)
+    return merged.to(dtype), lses
+
+
 def _future(rows: int, columns: int, device) -> torch.Tensor:
     """[rows, columns] bool: query r of a block must not see column c (key first + 1 + c) when c >= r."""
     return torch.arange(columns, device=device).unsqueeze(0) >= torch.arange(rows, device=device).unsqueeze(1)
 
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int, reduce: str,
-                     columns: int | None = None) -> torch.Tensor:
+                     columns: int | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     if queries.is_cuda:
         from kvcli.kernels import window_scores
 
         return window_scores.window_scores(queries, keys, scale, causal_offset, reduce)[:, :columns]
-    return window_attention_torch(queries, keys, scale, causal_offset, reduce, columns)
+    return window_attention_torch(queries, keys, scale, causal_offset, reduce, columns, lse)
 
 
 def window_probabilities(queries: torch.Tensor, keys: torch.Tensor, scale: float, causal_offset: int) -> torch.Tensor:

@@ -29,6 +29,12 @@ The baselines it is measured against are here too, behind the same interface (`k
 full caches, or every cache at one fixed ratio) and CompressOnlyManager (the utility's
 compression, no demotion to slower tiers).
 
+The utility counts a "compress" step as free. In the server it nearly is when the lighter
+cache is held (any tier) with the scores it was compressed with and the method's allocation
+is nested (KVzip's, per-head top-k): the heavier cache is then selected from it, exactly
+what reading again would keep, with no model pass (kvcli.compress.pipeline.derive). From a
+full cache, or for other methods, the server still reads the document again.
+
 This module is bookkeeping only: no model, no files, no devices. The server applies the
 placement it computes (kvcli.serve.service) on tiers measured by kvcli.serve.tiers; the
 benchmark simulates it (kvcli.benchmarks.evicpress). Its
@@ -95,8 +101,10 @@ class CacheShape:
     head_dim: int
     compute_bytes: int = 2  # element size of the compute dtype (bf16)
 
-    def bytes_per_token(self, kv_dtype: str, encoded: bool) -> int:
-        """Bytes of one kept token over all layers and heads (K + V + its int32 position)."""
+    def bytes_per_token(self, kv_dtype: str, encoded: bool, scored: bool = False) -> int:
+        """Bytes of one kept token over all layers and heads (K + V + its int32 position;
+        scored: + its fp32 selection score, which the server's .kvc files of compressed
+        configurations hold, so that they can be compressed further without a read)."""
         padded = -(-self.head_dim // GROUP_SIZE) * GROUP_SIZE
         groups = padded // GROUP_SIZE
         if not encoded or kv_dtype == "auto":
@@ -111,7 +119,7 @@ class CacheShape:
             row = padded // 2 + 4 * groups  # packed codes + fp16 scales and offsets
         else:
             raise ValueError(f"unknown kv dtype {kv_dtype!r}")
-        return self.num_layers * self.num_kv_heads * (2 * row + 4)
+        return self.num_layers * self.num_kv_heads * (2 * row + 4 + (4 if scored else 0))
 
 
 @dataclass
@@ -230,7 +238,8 @@ class CacheManager:
         t = self.tier(tier)
         if t is None:
             return 0
-        per_token = self.shape.bytes_per_token(self.configs[config].kv_dtype, t.encoded)
+        method = self.configs[config].method
+        per_token = self.shape.bytes_per_token(self.configs[config].kv_dtype, t.encoded, scored=t.encoded and method != "full")
         return self.kept_tokens(entry, config) * per_token
 
     def ttft(self, entry: Entry, config: int, tier: str) -> float:

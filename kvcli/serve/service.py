@@ -27,6 +27,7 @@ import torch
 from kvcli import api
 from kvcli.store import persist
 from kvcli.api import Generation
+from kvcli.compress.pipeline import derivable, derive
 from kvcli.compress.reading import Compressed
 from kvcli.cache import CompressedCache, LayerCache
 from kvcli.store.header import DocumentInfo, KvcHeader
@@ -63,7 +64,7 @@ def to_device(compressed: Compressed, device: torch.device) -> Compressed:
         LayerCache(l.keys.to(device), l.values.to(device), l.positions.to(device), l.offsets.to(device), l.lengths.to(device))
         for l in cache.layers
     ]
-    moved = CompressedCache(layers, cache.next_position.to(device), cache.original_length)
+    moved = CompressedCache(layers, cache.next_position.to(device), cache.original_length, cache.scores)  # scores stay on the CPU
     return Compressed(
         cache=moved, layout=compressed.layout, press=compressed.press, agnostic=compressed.agnostic,
         document_tokens=compressed.document_tokens, source=compressed.source, kept=compressed.kept,
@@ -104,6 +105,10 @@ class ModelService:
         self.asked_since_profile: set[str] = set()
         self.last_request = time.monotonic()
         self.warnings: list[str] = []  # for the operator (kvcli serve prints them): e.g. files set aside
+        # How placement got each cache it did not already hold: "read" (the
+        # document read with the model), "derived" (selected from a lighter copy by its scores,
+        # no model pass), "loaded" (a file of the disk tier read back).
+        self.placement_work = {"read": 0, "derived": 0, "loaded": 0}
         if profile and manager.profiler is None:
             manager.profiler = self.profiler()
 
@@ -207,7 +212,8 @@ class ModelService:
         return torch.device("cuda") if tier == "gpu" else torch.device("cpu")
 
     def _read(self, entry: Entry, config: Config) -> tuple[Compressed, str]:
-        """The entry's cache at config's method/ratio, from a copy we hold or from its text.
+        """The entry's cache at config's method/ratio: a copy we hold; else selected from a
+        lighter copy we hold by its scores (`_derive`: no model pass); else read from its text.
 
         Returns (compressed, the kv dtype already applied to it: "auto" when none).
         """
@@ -223,18 +229,64 @@ class ModelService:
                     return self._load(held[1]), have.kv_dtype
                 except KvcliError:  # damaged on disk (the checksum caught it): useless, read again
                     self._forget_disk(entry.id)
+        derived = self._derive(entry, config)
+        if derived is not None:
+            return derived
         document = self.documents.get(entry.id)
         if document is None or not document.text:
             raise KvcliError(f"{entry.name}: its text is unknown; ask about the document again to re-read it")
+        self.placement_work["read"] += 1
         compressed = api.read(self.model, document, press_for(config), question=None)
         if compressed.prefill is not None:
             rate = compressed.prefill.prefill_seconds / max(1, compressed.cache.original_length)
             self.manager.prefill_seconds_per_token = 0.7 * self.manager.prefill_seconds_per_token + 0.3 * rate
         return compressed, "auto"
 
+    def _derive(self, entry: Entry, config: Config) -> tuple[Compressed, str] | None:
+        """config's cache selected from a lighter copy held (memory first, then disk) by the
+        scores it was compressed with, exactly what reading again would keep
+        (kvcli.compress.pipeline.derive), with no model pass; None when no copy allows it (a
+        full cache, no scores recorded: an older file or a progressive read; another method,
+        or one whose allocation is not nested), and then the caller reads the text again.
+
+        Only from a copy in the compute dtype or in config's own kv dtype, as `_read` takes
+        an exact copy: int8 rows are never rounded again to int4. Returns (compressed, the kv
+        dtype already applied to it)."""
+        configs = self.manager.configs
+        target = press_for(config)
+        for held in (self.memory.get(entry.id), self.disk.get(entry.id)):
+            if not held:
+                continue
+            have = configs[held[0]]
+            if have.method != config.method or not have.ratio > config.ratio or have.kv_dtype not in ("auto", config.kv_dtype):
+                continue
+            if not derivable(press_for(have), target):
+                continue
+            if isinstance(held[-1], Compressed):
+                source = held[2]
+            else:
+                try:
+                    source = self._load(held[1])
+                except KvcliError:  # damaged on disk: useless
+                    self._forget_disk(entry.id)
+                    continue
+            if source.cache.scores is None:
+                continue
+            cache = derive(source.cache, source.press, target, prefix=len(source.layout.prefix_ids), document_tokens=source.document_tokens)
+            if cache is None:
+                continue
+            self.placement_work["derived"] += 1
+            compressed = Compressed(
+                cache=cache, layout=source.layout, press=target, agnostic=True, document_tokens=source.document_tokens,
+                pages=source.pages,
+            )
+            return compressed, have.kv_dtype
+        return None
+
     def _load(self, path: Path) -> Compressed:
         started = time.perf_counter()
-        compressed, _ = persist.load(self.model, path)
+        self.placement_work["loaded"] += 1
+        compressed, _ = persist.load(self.model, path, scores=True)
         seconds = time.perf_counter() - started
         disk = next((t for t in self.manager.tiers if t.encoded), None)
         if disk is not None and seconds > 0:  # what loading really costs: read + checksum + decode
@@ -254,7 +306,8 @@ class ModelService:
             "profiled": entry.profiled,
         }
         persist.ensure_store_dir()
-        save_cache(path, compressed.cache, header, kv_dtype=config.kv_dtype, mode=persist.STORE_FILE_MODE)
+        # with its scores: compressed further on disk later, it is selected, not read again
+        save_cache(path, compressed.cache, header, kv_dtype=config.kv_dtype, mode=persist.STORE_FILE_MODE, scores=True)
         return path
 
     def _forget_disk(self, eid: str) -> None:
@@ -292,6 +345,8 @@ class ModelService:
         else:
             source, applied = self._read(entry, config)
             compressed = source if applied == config.kv_dtype else quantized_copy(source, config.kv_dtype)
+            if compressed is not source:  # rounding the rows leaves their selection scores as they were
+                compressed.cache.scores = source.cache.scores
         compressed = to_device(compressed, self._device(tier))
         self.memory[eid] = (index, tier, compressed)
         return compressed

@@ -4,7 +4,8 @@ A .kvc file's safetensors metadata holds {"kvcli": json}. That JSON has two part
 
 - what `kvcfile` needs to read the tensors back (format, format_version, kv_dtype,
   source_dtype, head_dim, num_layers, lengths, original_length, next_position,
-  quantization, checksum), always present;
+  quantization, checksum), always present, and `scores` when the file holds per-row
+  selection scores (optional: written by `kvcli serve`, absent from older files);
 - what the cache is of (model, document, prefix_ids, method, stats, created, manager),
   written by `persist` for document caches; bare caches (benchmarks) have none of it.
 
@@ -317,11 +318,32 @@ class Quantization:
         return {"bits": self.bits, "group_size": self.group_size, "scheme": self.scheme}
 
 
+@dataclass(frozen=True)
+class ScoresInfo:
+    """The optional per-row selection scores (`layer.{i}.scores`, F32 [rows of layer i], +inf
+    for rows always kept): what lets `kvcli serve` derive a heavier cache from this one
+    without reading the document again (kvcli.compress.pipeline.derive). The file's
+    `checksum` covers them like every tensor. Files without it load as before."""
+
+    dtype: str
+
+    @classmethod
+    def parse(cls, raw: Any) -> "ScoresInfo":
+        d = _object(raw, "scores")
+        dtype = _get(d, "dtype", "scores")
+        if dtype != "fp32":
+            raise _Bad(f"header field scores.dtype must be fp32, not {_show(dtype)}")
+        return cls(dtype)
+
+    def as_dict(self) -> dict:
+        return {"dtype": self.dtype}
+
+
 # ---- the header --------------------------------------------------------------------------
 
 _TENSOR_KEYS = (
     "format", "format_version", "kvcli_version", "kv_dtype", "source_dtype", "head_dim", "original_length",
-    "next_position", "num_layers", "quantization", "lengths", "checksum",
+    "next_position", "num_layers", "quantization", "lengths", "checksum", "scores",
 )
 _CONTENT_KEYS = ("model", "document", "prefix_ids", "method", "stats", "created", "manager")
 
@@ -343,6 +365,7 @@ class KvcHeader:
     next_position: int
     quantization: Quantization | None
     checksum: str  # over the tensor bytes, scheme by format_version (see kvcfile)
+    scores: ScoresInfo | None = None  # the optional layer.{i}.scores tensors (absent: none stored)
     # what the cache is of: absent from bare caches
     model: ModelInfo | None = None
     document: DocumentInfo | None = None
@@ -414,6 +437,7 @@ class KvcHeader:
             next_position=_int(_get(raw, "next_position", ""), "next_position"),
             quantization=Quantization.parse(raw.get("quantization"), kv_dtype),
             checksum=checksum,
+            scores=None if raw.get("scores") is None else ScoresInfo.parse(raw["scores"]),
             model=None if raw.get("model") is None else ModelInfo.parse(raw["model"]),
             document=None if raw.get("document") is None else DocumentInfo.parse(raw["document"]),
             prefix_ids=prefix_ids,
@@ -475,6 +499,8 @@ class KvcHeader:
             lengths=[list(layer) for layer in self.lengths],
             checksum=self.checksum,
         )
+        if self.scores is not None:
+            d["scores"] = self.scores.as_dict()
         return d
 
     def to_json(self) -> str:

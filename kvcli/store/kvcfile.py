@@ -6,6 +6,7 @@ Layout (a valid safetensors file, loadable without running any code):
     layer.{i}.positions  int32 [total]        original RoPE position of every kept row
     layer.{i}.keys       [total, D]           kept rows, head after head (no headroom)
     layer.{i}.values     [total, D]
+    layer.{i}.scores     fp32 [total]        optional (kvcli serve): each row's selection score
   quantized (int8 / int4) instead:
     layer.{i}.keys       int8 [total, Dp] | uint8 [total, Dp/2] (int4: two codes a byte)
     layer.{i}.keys.scales fp16 [total, Dp/32]
@@ -32,8 +33,9 @@ and the server's /ask take any path: the tensor table must tile the data section
 (no overlap, no gap, every tensor aligned to its element size, shapes matching the
 header's lengths), the header's layer / KV head / head_dim counts must match the model
 when one is given, and the data checksum is verified before anything but the one read
-buffer (the file's own size) is allocated. Only then are the rows uploaded and the flat
-layout built with headroom (and int8/int4 dequantized) on the target device. Headroom is
+buffer (the file's own size: on the host, or for a CUDA load on the device, filled through
+a few small page-locked slots) is allocated. Only then is the flat layout built with
+headroom (and int8/int4 dequantized) on the target device. Headroom is
 a decoding convenience (LayerCache.reserve grows it on demand), so its allocation is
 capped by the kept rows' size (or HEADROOM_FLOOR_BYTES): a file of empty heads cannot
 turn a few bytes into gigabytes.
@@ -319,7 +321,8 @@ def _write_error(path: Path, e: OSError, size: int) -> KvcliError:
 
 
 def save_cache(
-    path: str | os.PathLike, cache: CompressedCache, header: dict, *, kv_dtype: str = "auto", mode: int | None = None
+    path: str | os.PathLike, cache: CompressedCache, header: dict, *, kv_dtype: str = "auto", mode: int | None = None,
+    scores: bool = False,
 ) -> int:
     """Write batch row 0 of `cache` (only the rows in use) to `path` as a .kvc file.
 
@@ -327,8 +330,14 @@ def save_cache(
     "int4" (lossy, per group of 32 along head_dim, see kvcli.store.quantize). `header` is
     the caller's content (model, document, method, ... or any JSON object), checked by
     KvcHeader together with the fields this module adds (which win on a clash). mode: the
-    new file's mode (see atomic_write). Returns the number of bytes written. Atomic.
+    new file's mode (see atomic_write). scores: also write the cache's per-row selection
+    scores (`cache.scores`, when it has them and they match the rows in use) as
+    layer.{i}.scores, F32 [rows], described by the header's `scores` (kvcli serve does, so a
+    cache on disk can be compressed further without reading the document again; a kvcli
+    older than that refuses such a file). Returns the number of bytes written. Atomic.
     """
+    import torch
+
     from kvcli.store.quantize import quantize
 
     path = Path(path)
@@ -348,6 +357,12 @@ def save_cache(
 
     tensors: dict[str, torch.Tensor] = {}
     lengths_all: list[list[int]] = []
+    row_scores = cache.scores if scores else None
+    if row_scores is not None and (
+        len(row_scores) != len(cache.layers)
+        or any(s.numel() != int(layer.lengths[0].sum()) for s, layer in zip(row_scores, cache.layers))
+    ):
+        row_scores = None  # rows appended since they were scored (decoding): none are written
     for i, layer in enumerate(cache.layers):
         keys, values, positions, lengths = _used_rows(layer)
         if keys.shape[-1] != head_dim:
@@ -355,6 +370,8 @@ def save_cache(
         tensors[f"layer.{i}.lengths"] = lengths.contiguous()
         tensors[f"layer.{i}.positions"] = positions.contiguous()
         lengths_all.append([int(n) for n in lengths])
+        if row_scores is not None:
+            tensors[f"layer.{i}.scores"] = row_scores[i].detach().to("cpu", torch.float32).reshape(-1).contiguous()
         for name, rows in (("keys", keys), ("values", values)):
             if bits is None:
                 tensors[f"layer.{i}.{name}"] = rows.to(_dtypes()[kv_dtype]).contiguous()
@@ -380,6 +397,7 @@ def save_cache(
         quantization=None if bits is None else {"bits": bits, "group_size": GROUP_SIZE, "scheme": "symmetric" if bits == 8 else "asymmetric"},
         lengths=lengths_all,
         checksum=_checksum({name: _tensor_bytes(t) for name, t in tensors.items()}),
+        scores=None if row_scores is None else {"dtype": "fp32"},
     )
 
     from safetensors.torch import save as st_save
@@ -571,6 +589,7 @@ def load_cache(
     accept: Callable[[KvcHeader], None] | None = None,
     headroom: int | None = None,
     pin_memory: bool | None = None,
+    scores: bool = False,
 ) -> tuple[CompressedCache, KvcHeader]:
     """Read a .kvc file back into a single-sequence CompressedCache with fresh headroom.
 
@@ -583,7 +602,10 @@ def load_cache(
     same open file as the tensors, before any allocation.
     headroom: free rows per head (default kvcli.cache.DEFAULT_HEADROOM; capped, see
     HEADROOM_FLOOR_BYTES; decoding grows it).
-    pin_memory: read into page-locked memory before a CUDA upload (default: see PIN_MEMORY).
+    pin_memory: a CUDA load streams through page-locked slots (see STAGING_BYTES) unless
+    this is False (then: one pageable host buffer, copied up).
+    scores: also return the file's per-row selection scores as `cache.scores` (per layer a
+    float32 CPU tensor), when it holds them (kvcli serve's files do); verified with the rest.
     Every failure is a one-line KvcliError.
     """
     from kvcli.cache import DEFAULT_HEADROOM
@@ -597,7 +619,7 @@ def load_cache(
         if accept is not None:
             accept(header)
         try:
-            return _build(path, header, tensors, f, data_start, data_len, device, dtype, headroom, pin_memory), header
+            return _build(path, header, tensors, f, data_start, data_len, device, dtype, headroom, pin_memory, scores), header
         except KvcliError:
             raise
         except Exception as e:  # anything structural we did not foresee: never a traceback
@@ -628,11 +650,14 @@ def _headroom_rows(header: KvcHeader, compute: torch.dtype, requested: int) -> i
     return max(0, min(int(requested), budget // row_bytes))
 
 
-# Read into page-locked memory before a CUDA upload: the upload then runs at PCIe speed
-# and overlaps nothing on the host. Page-locking is paid per fresh buffer (torch caches
-# freed pinned blocks, so repeated loads in one process reuse it). H100, 0.8 GiB file, warm:
-# 0.08 s pinned vs 0.26 s pageable (BENCHMARKS.md, issue 4).
-PIN_MEMORY = True
+# A CUDA load streams the file through page-locked slots carved from one small block:
+# each worker reads a piece into a free slot, hashes it and queues its upload, and reuses
+# the slot once that upload is done, so disk reads, hashing and PCIe copies overlap and
+# only STAGING_BYTES are ever page-locked. (Page-locking the whole file, as before, cost
+# ~0.5 s per 0.8 GiB in a fresh process: more than the rest of the load; BENCHMARKS.md.)
+# Two slots a worker: one filling while the other uploads.
+STAGING_BYTES = 64 << 20
+STAGING_SLOT_MIN = 1 << 20
 
 
 class _ReadError(KvcliError):
@@ -668,6 +693,128 @@ def _hash_after(reads, data: memoryview) -> str:
     return _tensor_digest(data)
 
 
+def _streams(device, pin_memory: bool | None, header: KvcHeader) -> bool:
+    """Whether this load streams through page-locked slots (CUDA, unless pin_memory=False).
+
+    Format 1's checksum is one sha256 over every tensor in name order, which cannot be
+    computed piecewise in parallel: those files take the host-buffer path.
+    """
+    return device.type == "cuda" and pin_memory is not False and header.format_version != 1
+
+
+def _read_to_host(path, fd, tensors, layer_names, data_start, data_len, device, version) -> tuple[torch.Tensor, str]:
+    """The data section in one pageable host buffer, read by parallel preads, and its checksum."""
+    import torch
+
+    buf = torch.empty(data_len, dtype=torch.uint8)
+    raw = memoryview(buf.numpy()) if data_len else memoryview(bytearray())
+    chunks = {name: raw[t.begin : t.end] for name, t in tensors.items()}
+    pool = ThreadPoolExecutor(max_workers=_threads())
+    try:
+        # Workers take tasks in order, so a hash task never waits on a read not yet taken.
+        reads: dict[str, list] = {}
+        hashes: dict[str, object] = {}
+        for names in layer_names:
+            for name in names:
+                t = tensors[name]
+                reads[name] = [
+                    pool.submit(_pread_into, path, fd, raw, data_start, a, min(a + READ_CHUNK, t.end))
+                    for a in range(t.begin, t.end, READ_CHUNK)
+                ]
+                if version != 1:
+                    hashes[name] = pool.submit(_hash_after, reads[name], chunks[name])
+        _wait(r for rs in reads.values() for r in rs)
+        if version == 1:
+            return buf, _checksum_v1(chunks)
+        return buf, _combine_digests({name: future.result() for name, future in hashes.items()})
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Slot:
+    """One page-locked piece of the staging block, with the stream its uploads run on.
+
+    (Off CUDA, which only the tests use, the block is pageable and the copy synchronous.)
+    """
+
+    def __init__(self, host: torch.Tensor, device):
+        import torch
+
+        self.host = host
+        self.view = memoryview(host.numpy())
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.uploaded = torch.cuda.Event() if cuda else None
+
+    def wait(self) -> None:
+        """Until this slot's last upload has read it."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+
+    def upload(self, dst: torch.Tensor, n: int) -> None:
+        import torch
+
+        if self.stream is None:
+            dst.copy_(self.host[:n])
+            return
+        with torch.cuda.stream(self.stream):
+            dst.copy_(self.host[:n], non_blocking=True)
+            self.uploaded.record(self.stream)
+
+
+def _stream_to_device(path, fd, tensors, layer_names, data_start, data_len, device, version) -> tuple[torch.Tensor, str]:
+    """The data section in one device buffer, streamed through page-locked slots, and its checksum.
+
+    A worker takes one tensor at a time and walks it in slot-sized pieces: wait until the
+    slot's previous upload is done, read the piece into it, hash it (a tensor's pieces in
+    order, so one sha256 per tensor as format 2 defines), queue its upload on the slot's
+    stream. Reads and hashes release the GIL; the caller's stream waits for every upload.
+    """
+    import queue
+
+    import torch
+
+    workers = min(_threads(), max(1, len(tensors)))
+    count = 2 * workers
+    slot_bytes = max(STAGING_SLOT_MIN, STAGING_BYTES // count)
+    try:
+        block = torch.empty(count * slot_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    except RuntimeError:  # page-locked memory refused (a container's limit): the pageable path
+        return _read_to_host(path, fd, tensors, layer_names, data_start, data_len, device, version)
+    buf = torch.empty(data_len, dtype=torch.uint8, device=device)
+    slots = [_Slot(block[k * slot_bytes : (k + 1) * slot_bytes], device) for k in range(count)]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for slot in slots:
+        free.put(slot)
+
+    def stream_tensor(t: _Tensor) -> str:
+        digest = hashlib.sha256()
+        for a in range(t.begin, t.end, slot_bytes):
+            n = min(slot_bytes, t.end - a)
+            slot = free.get()
+            try:
+                slot.wait()
+                _pread_into(path, fd, slot.view, data_start + a, 0, n)
+                digest.update(slot.view[:n])
+                slot.upload(buf[a : a + n], n)
+            finally:
+                free.put(slot)
+        return digest.hexdigest()
+
+    names = [name for group in layer_names for name in group]
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {name: pool.submit(stream_tensor, tensors[name]) for name in names}
+        digests = {name: future.result() for name, future in futures.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a failed read stops the rest
+        if device.type == "cuda":
+            current = torch.cuda.current_stream(device)
+            for slot in slots:
+                current.wait_stream(slot.stream)  # later work on `buf` runs after every upload
+    return buf, _combine_digests(digests)
+
+
 def _expected_tensors(path: Path, header: KvcHeader) -> tuple[dict[str, tuple[str, list[int]]], list[list[str]]]:
     """The exact tensor table the header implies: name -> (dtype code, shape), and per layer its names."""
     bits = header.bits
@@ -692,11 +839,15 @@ def _expected_tensors(path: Path, header: KvcHeader) -> tuple[dict[str, tuple[st
                 if bits == 4:
                     expected[f"layer.{i}.{name}.zeros"] = ("F16", [total, padded // group])
                     names.append(f"layer.{i}.{name}.zeros")
+        if header.scores is not None:  # optional (kvcli serve's files): F32, one per row
+            expected[f"layer.{i}.scores"] = ("F32", [total])
+            names.append(f"layer.{i}.scores")
         layer_names.append(names)
     return expected, layer_names
 
 
-def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, data_len, device, dtype, headroom, pin_memory) -> CompressedCache:
+def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, data_len, device, dtype, headroom, pin_memory,
+           scores: bool = False) -> CompressedCache:
     import torch
 
     from kvcli.cache import CompressedCache
@@ -726,34 +877,11 @@ def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, 
 
     # One buffer for the data section (the file's own size), filled by parallel preads of
     # the one open file and hashed as its pieces arrive; nothing else is allocated, on the
-    # host or the device, until every byte is verified.
-    cuda = device.type == "cuda"
-    pin = cuda and (PIN_MEMORY if pin_memory is None else bool(pin_memory))
-    buf = torch.empty(data_len, dtype=torch.uint8, pin_memory=pin)
-    raw = memoryview(buf.numpy()) if data_len else memoryview(bytearray())
-    chunks = {name: raw[t.begin : t.end] for name, t in tensors.items()}
-    fd = f.fileno()
-    pool = ThreadPoolExecutor(max_workers=_threads())
-    try:
-        # Workers take tasks in order, so a hash task never waits on a read not yet taken.
-        reads: dict[str, list] = {}
-        hashes: dict[str, object] = {}
-        for names in layer_names:
-            for name in names:
-                t = tensors[name]
-                reads[name] = [
-                    pool.submit(_pread_into, path, fd, raw, data_start, a, min(a + READ_CHUNK, t.end))
-                    for a in range(t.begin, t.end, READ_CHUNK)
-                ]
-                if header.format_version != 1:
-                    hashes[name] = pool.submit(_hash_after, reads[name], chunks[name])
-        _wait(r for rs in reads.values() for r in rs)
-        if header.format_version == 1:
-            digest = _checksum_v1(chunks)
-        else:
-            digest = _combine_digests({name: future.result() for name, future in hashes.items()})
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    # host or the device, until every byte is verified. For a CUDA load that buffer is on
+    # the device, filled through the staging slots.
+    streamed = _streams(device, pin_memory, header)
+    read = _stream_to_device if streamed else _read_to_host
+    buf, digest = read(path, f.fileno(), tensors, layer_names, data_start, data_len, device, header.format_version)
     if digest != header.checksum:
         raise KvcliError(f"{path} is corrupted (checksum mismatch)")
 
@@ -762,13 +890,16 @@ def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, 
         return buf[t.begin : t.end].view(_st_torch()[t.dtype]).view(t.shape)  # aligned: checked in _tensor_table
 
     def upload(t: torch.Tensor) -> torch.Tensor:
-        return t if device.type == "cpu" else t.to(device, non_blocking=pin)
+        return t.to(device)  # a no-op when streamed (already there) or loading to the CPU
 
+    # One transfer for every layer's stored lengths (from the device, one synchronisation).
+    stored = torch.cat([tensor(f"layer.{i}.lengths") for i in range(len(layer_names))]).tolist() if layer_names else []
     rows_free = _headroom_rows(header, compute, headroom)
     layers: list[LayerCache] = []
     for i, (names, lengths) in enumerate(zip(layer_names, header.lengths)):
-        if tensor(f"layer.{i}.lengths").tolist() != list(lengths):
+        if stored[: len(lengths)] != list(lengths):
             raise corrupt(f"layer {i} lengths disagree with the header")
+        stored = stored[len(lengths) :]
         rows = {}
         for name in ("keys", "values"):
             base = f"layer.{i}.{name}"
@@ -786,12 +917,16 @@ def _build(path, header: KvcHeader, tensors: dict[str, _Tensor], f, data_start, 
                 )
         positions = upload(tensor(f"layer.{i}.positions"))
         layers.append(_layer(rows["keys"], rows["values"], positions, list(lengths), rows_free, device, compute))
-    if pin:
-        torch.cuda.current_stream(device).synchronize()  # the uploads read `buf`
+    row_scores = None
+    if scores and header.scores is not None:
+        row_scores = [tensor(f"layer.{i}.scores").to("cpu", copy=True) for i in range(len(layer_names))]
+        if any(bool(s.isnan().any()) for s in row_scores):
+            row_scores = None  # not a ranking: whoever asked reads the document again
     return CompressedCache(
         layers=layers,
         next_position=torch.tensor([header.next_position], dtype=torch.int64, device=device),
         original_length=header.original_length,
+        scores=row_scores,
     )
 
 

@@ -94,11 +94,13 @@ def compress(
 
 
 def load(
-    model: LoadedModel, path: str | os.PathLike, *, accept: Callable[[KvcHeader], None] | None = None
+    model: LoadedModel, path: str | os.PathLike, *, accept: Callable[[KvcHeader], None] | None = None, scores: bool = False
 ) -> tuple[Compressed, KvcHeader]:
     """Load a .kvc file for `model`: refuses files made by another model or for other shapes,
     and bare caches with no document, all before allocating the cache. `accept`: a further
-    check of the header (raise KvcliError), run at the same point."""
+    check of the header (raise KvcliError), run at the same point. scores: also read the
+    file's per-row selection scores into `cache.scores` when it holds them (kvcli serve
+    does, to compress it further without reading the document again)."""
 
     def check(header: KvcHeader) -> None:
         header.require_document(str(path))
@@ -113,6 +115,7 @@ def load(
         expected_model_name=model.name,
         expected_shape=cache_shape(model.model),
         accept=check,
+        scores=scores,
     )
     _, document, method, prefix_ids = header.require_document(str(path))
     template = ChatTemplate.from_tokenizer(model.tokenizer)
