@@ -290,3 +290,27 @@ def test_the_tensor_table_must_match_the_header_scores(tmp_path):
     _rewritten(path, lambda h: h.update(scores={"dtype": "fp16"}), lambda t: None)
     with pytest.raises(KvcliError, match="scores.dtype must be fp32"):
         read_header(path)
+
+
+# ---- the profiler ---------------------------------------------------------------------------
+
+
+def test_profiling_reads_each_method_once_and_selects_its_heavier_ratios(model, monkeypatch):
+    """quality(c, x) of kvzip at 0.5, 0.25 and 0.1: one KVzip read (the lightest), the rest
+    selected from it, with the same agreements as three reads."""
+    from kvcli.compress.reading import Compressed
+    from kvcli.serve.manager import Config
+    from kvcli.serve.profiling import AgreementProfiler
+
+    configs = [Config("full", 1.0), Config("kvzip", 0.1), Config("kvzip", 0.5), Config("kvzip", 0.25)]
+    document = two_page_document()
+    profiler = AgreementProfiler(model, configs, answer_tokens=6, probes=("What is this about?",))
+    reads = []
+    real_read = api.read
+    monkeypatch.setattr(api, "read", lambda m, d, press, **k: reads.append(press.describe()) or real_read(m, d, press, **k))
+    derived = profiler.per_question(document, ["What is the code?"], [1, 2, 3])
+    assert [r["method"] for r in reads] == ["full", "kvzip"] and reads[1]["ratio"] == 0.5
+    monkeypatch.setattr(Compressed, "derive", lambda self, press: None)  # every ratio read on its own
+    reads.clear()
+    assert profiler.per_question(document, ["What is the code?"], [1, 2, 3]) == derived
+    assert [r["method"] for r in reads] == ["full", "kvzip", "kvzip", "kvzip"]

@@ -16,7 +16,7 @@ import torch
 from kvcli.cache import CompressedCache
 from kvcli.citations import TokenPages, kept_per_page as page_shares
 from kvcli.compress.methods import Press, default_method, make_press
-from kvcli.compress.pipeline import DEFAULT_CHUNK, PrefillResult, prefill
+from kvcli.compress.pipeline import DEFAULT_CHUNK, PrefillResult, derive, prefill
 from kvcli.documents import Document
 from kvcli.errors import KvcliError
 from kvcli.prompts import PromptLayout
@@ -61,6 +61,20 @@ class Compressed:
             return None
         shares = page_shares(self.cache, self.kept, self.pages, len(self.layout.prefix_ids))
         return {key: shares[key] for key in ("pages", "tokens", "kept_share")}
+
+    def derive(self, press: Press) -> "Compressed | None":
+        """This document at `press`, a heavier budget of the same method, selected from this
+        cache by the scores it was compressed with: exactly what reading again would keep
+        (kvcli.compress.pipeline.derive), with no model pass. None when that cannot be had
+        (no scores: a full cache, a progressive read, an older file; a method whose allocation
+        is not nested): then the caller reads again."""
+        if not self.agnostic:
+            return None
+        cache = derive(self.cache, self.press, press, prefix=len(self.layout.prefix_ids), document_tokens=self.document_tokens)
+        if cache is None:
+            return None
+        return Compressed(cache=cache, layout=self.layout, press=press, agnostic=True, document_tokens=self.document_tokens,
+                          source=self.source, pages=self.pages)
 
     def stats(self) -> dict:
         kept = self.kept  # [L, Hkv] incl. prefix/question rows

@@ -58,7 +58,9 @@ class AgreementProfiler:
     For each probe question the full cache answers greedily (`answer_tokens` tokens); every
     configuration then reads the same question and answer in one forward pass, and quality
     is the fraction of positions where its greedy next token equals the full cache's. One
-    read per distinct (method, ratio); int8/int4 are applied to that read's cache. Probes:
+    read per distinct (method, ratio), and heavier ratios of a method whose allocation is
+    nested (KVzip) are selected from its lightest read instead (`Compressed.derive`: the
+    same cache, no model pass); int8/int4 are applied to that read's cache. Probes:
     generic questions, one about the document's opening words, and the questions users
     recently asked about it (so a re-profile when idle follows real use).
     """
@@ -99,7 +101,11 @@ class AgreementProfiler:
         def read(config: Config) -> Compressed:
             key = (config.method, config.ratio)
             if key not in reads:
-                reads[key] = api.read(model, document, press_for(config), question=None, headroom_tokens=self.answer_tokens + 64)
+                press = press_for(config)
+                # the closest lighter read of the same method, if any, gives it by selection alone
+                lighter = sorted(((r, c) for (m, r), c in reads.items() if m == config.method and r > config.ratio), key=lambda rc: rc[0])
+                derived = next((c for c in (held.derive(press) for _, held in lighter) if c is not None), None)
+                reads[key] = derived or api.read(model, document, press, question=None, headroom_tokens=self.answer_tokens + 64)
             return reads[key]
 
         full = read(Config("full", 1.0))
@@ -112,7 +118,7 @@ class AgreementProfiler:
             if answer:
                 references.append((ids, answer))
         scores = {}
-        for index in configs:
+        for index in sorted(configs, key=lambda i: -self.configs[i].ratio):  # lightest first: the rest derive from it
             config = self.configs[index]
             compressed = quantized_copy(read(config), config.kv_dtype)
             scores[index] = [self._agreement(compressed, ids, answer) for ids, answer in references]

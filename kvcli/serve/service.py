@@ -27,7 +27,7 @@ import torch
 from kvcli import api
 from kvcli.store import persist
 from kvcli.api import Generation
-from kvcli.compress.pipeline import derivable, derive
+from kvcli.compress.pipeline import derivable
 from kvcli.compress.reading import Compressed
 from kvcli.cache import CompressedCache, LayerCache
 from kvcli.store.header import DocumentInfo, KvcHeader
@@ -270,16 +270,10 @@ class ModelService:
                 except KvcliError:  # damaged on disk: useless
                     self._forget_disk(entry.id)
                     continue
-            if source.cache.scores is None:
-                continue
-            cache = derive(source.cache, source.press, target, prefix=len(source.layout.prefix_ids), document_tokens=source.document_tokens)
-            if cache is None:
+            compressed = source.derive(target)
+            if compressed is None:
                 continue
             self.placement_work["derived"] += 1
-            compressed = Compressed(
-                cache=cache, layout=source.layout, press=target, agnostic=True, document_tokens=source.document_tokens,
-                pages=source.pages,
-            )
             return compressed, have.kv_dtype
         return None
 
