@@ -87,3 +87,39 @@ def test_continuation_probe_starts_with_the_previous_chunk_tail(char_tokenizer):
     assert first.ids[-100:] == doc[:100] and second.ids[-100:] == doc[100:200]
     assert doc[92:100] == second.ids[-100 - len(layout.template.suffix) - 8 : -100 - len(layout.template.suffix)]
     assert layout.question_part("Repeat the previous context exactly.") == first.ids[:-100]
+
+
+def test_split_probe_attention_changes_nothing_in_a_progressive_read(monkeypatch):
+    """A document 4x the context: later steps attend head by head, each probe through
+    split_attention; with it switched off (one masked call and one fused call for the
+    log-sum-exp, as before) the kept rows and every score are the same."""
+    from kvcli import api
+    from kvcli.compress import pipeline
+    from tests.support import small_context_llama, text_of
+    from tests.test_longdoc import document, loaded
+
+    model = small_context_llama(256)
+    recorded = []
+
+    class Spy(KVzip):
+        def score(self, obs):
+            recorded.append(obs.attention.clone())
+            return super().score(obs)
+
+    def read():
+        press = make_press("kvzip", budget=48)
+        press.scorer = Spy(chunk_size=60)
+        result = api.read(loaded(model, 256), document(text_of(1024)), press, question=None, headroom_tokens=16, chunk_size=96)
+        return [layer.positions.clone() for layer in result.cache.layers]
+
+    splits = []
+    real_split = pipeline.split_attention
+    monkeypatch.setattr(pipeline, "split_attention", lambda *a: splits.append(1) or real_split(*a))
+    with_split = read()
+    split_scores, recorded[:] = list(recorded), []
+    monkeypatch.setattr(pipeline, "split_attention", lambda *a: None)
+    without = read()
+    assert len(splits) > 2 * len(with_split)  # probes of several steps, head by head
+    assert all(torch.equal(a, b) for a, b in zip(with_split, without))
+    for a, b in zip(split_scores, recorded):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -132,38 +132,41 @@ class _StepAttention:
                 return _causal(query, self.keys[:, :, :stop], self.values[:, :, :stop], scale)
             return self._attend_heads(query, self.keys[0, :, :stop], self.values[0, :, :stop], scale)
         if self.dense:
-            split = self._probe_split(query, key, value, scale)
+            split = self._probe_split(query, self.keys, self.values, key, value, scale)
             if split is not None:
-                return split
+                self._record(split[1])
+                return split[0]
             keys = torch.cat([self.keys, key], dim=2)
             self._record(self._probe_attention(query[0], self.keys[0], keys[0], key.shape[2], scale))
             return _causal(query, keys, torch.cat([self.values, value], dim=2), scale)
         return self._attend_heads(query, torch.cat([self.keys[0], key[0]], dim=1), torch.cat([self.values[0], value[0]], dim=1), scale, probe=True)
 
-    def _probe_split(self, query, key, value, scale):
-        """A dense step's probe attended as `split_attention` pieces: [the rows its scoring
-        softmax sees][the probe itself, causal][the other rows]; the first two pieces'
-        log-sum-exp is the scoring's, so it needs no fused call of its own (CPU; None
-        elsewhere, and the caller attends in one call as before)."""
-        rows = self.length
+    def _probe_split(self, query, keys, values, key, value, scale):
+        """A probe's attention as `split_attention` pieces: [the rows its scoring softmax
+        sees][the probe itself, causal][the other rows]; the first two pieces' log-sum-exp is
+        the scoring's, so it needs no fused call of its own. keys/values [1, H, S, D]: the
+        rows the probe sees (H = 1 for one head of a later step), key/value [1, H, n, D] its
+        own. Returns (attention out, the probe's reduced attention [H, S]), or None off the
+        CPU (the caller attends in one call as before)."""
+        rows = keys.shape[2]
         if self.span is None:
-            pieces = [(self.keys, self.values, False), (key, value, True)]
+            pieces = [(keys, values, False), (key, value, True)]
         else:
-            start, stop = self.span
+            shift = rows - self.length  # rows kept by earlier steps come before the step's rows
+            start, stop = self.span[0] + shift, self.span[1] + shift
             if self.sinks > start:
                 return None
-            seen = torch.cat([torch.arange(start, stop), torch.arange(self.sinks)]).to(self.keys.device)
-            other = torch.cat([torch.arange(self.sinks, start), torch.arange(stop, rows)]).to(self.keys.device)
-            pieces = [(self.keys.index_select(2, seen), self.values.index_select(2, seen), False), (key, value, True),
-                      (self.keys.index_select(2, other), self.values.index_select(2, other), False)]
+            seen = torch.cat([torch.arange(start, stop), torch.arange(self.sinks)]).to(keys.device)
+            other = torch.cat([torch.arange(self.sinks, start), torch.arange(stop, rows)]).to(keys.device)
+            pieces = [(keys.index_select(2, seen), values.index_select(2, seen), False), (key, value, True),
+                      (keys.index_select(2, other), values.index_select(2, other), False)]
         split = split_attention(query, pieces, scale)
         if split is None:
             return None
         out, lses = split
         lse = torch.logaddexp(lses[0], lses[1])[0]  # [Hq, n]: over [scored rows][the probe]
-        with_probe = torch.cat([self.keys, key], dim=2)[0]
-        self._record(self._probe_attention(query[0], self.keys[0], with_probe, key.shape[2], scale, lse=lse))
-        return out
+        with_probe = torch.cat([keys, key], dim=2)[0]
+        return out, self._probe_attention(query[0], keys[0], with_probe, key.shape[2], scale, lse=lse)
 
     def _probe_attention(self, queries, visible, with_probe, probe_length, scale, lse=None):
         """A probe's reduced attention over `visible` rows [H, S, D] (probe keys appended in
@@ -205,6 +208,14 @@ class _StepAttention:
             k = torch.cat([self.rows.keys[h], step_keys[h]])  # [S, D]
             v = torch.cat([self.rows.values[h], step_values[h]])
             q = query[0, h * group : (h + 1) * group]  # [G, n, D]
+            if probe:
+                seen_rows = self.rows.keys[h].shape[0] + self.length
+                split = self._probe_split(q.unsqueeze(0), k[None, None, :seen_rows], v[None, None, :seen_rows],
+                                          k[None, None, seen_rows:], v[None, None, seen_rows:], scale)
+                if split is not None:
+                    out[0, h * group : (h + 1) * group] = split[0][0]
+                    self._record(split[1][0], h)
+                    continue
             out[0, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
                 q.unsqueeze(0), k[None, None], v[None, None], attn_mask=causal_lower_right(n, k.shape[0]), scale=scale, enable_gqa=True
             )[0]
