@@ -133,3 +133,34 @@ def test_ada_shares_follow_the_authors_rule():
         assert len(kept[h]) == expected
         assert set(kept[h].tolist()) == set(scores[h].topk(expected).indices.tolist())
     assert len(kept[1]) > 40 > len(kept[0])
+
+
+def test_layer_defensivekv_is_one_exact_topk_over_layers_and_heads(char_tokenizer):
+    """Layer-DefensiveKV keeps what one top-k over every layer's and head's scores picks, as
+    the reference (FFY0/DefensiveKV, EfficientAdaGlobalScorerPress) does: no head is capped
+    at a multiple of the mean budget. A cap of 3x the budget (issue 13) trimmed the heads the
+    top-k gives most of their document, and with them the needles."""
+    from tests.support import tiny_llama
+
+    _, ours = tiny_llama(8, 2, layers=4)
+    layout = PromptLayout.build(char_tokenizer, DOCUMENT, QUESTION)
+    seen = []
+
+    class Spy(DefensiveKV):
+        def score(self, obs):
+            # the last layer's scaled up, so that the top-k gives its heads most of their
+            # document (a random tiny model's stage one alone would share it out evenly)
+            scores = super().score(obs) * (1e6 if obs.layer_idx == obs.num_layers - 1 else 1.0)
+            seen.append((scores.clone(), obs.budget))
+            return scores
+
+    press = make_press("layer-defensivekv", ratio=0.1)
+    press.scorer = Spy()
+    result = prefill(ours, layout, press)
+    scores = torch.stack([s for s, _ in seen])  # [L, H, T]
+    budget = seen[0][1]
+    layers, heads, length = scores.shape
+    winners = scores.flatten().topk(round(budget * heads * layers)).indices // length  # layer * heads + head
+    expected = torch.bincount(winners, minlength=layers * heads).view(layers, heads)
+    assert expected.max() > 3 * budget  # the reference gives some head more than 3x the mean
+    assert torch.tensor(result.layer_kept).tolist() == expected.tolist()

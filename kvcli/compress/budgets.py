@@ -23,6 +23,8 @@ compresses one layer at a time:
   global:  KVzip's default: one threshold over all layers and heads, applied at the
            end to candidates capped at `max_factor` x budget per head per layer (the cap
            bounds memory during prefill; with max_factor >= 1/ratio it is exact).
+           max_factor=None: no cap, the exact top-k (Layer-DefensiveKV's reference); every
+           layer then holds its whole document until the last layer re-allocates.
 """
 
 from __future__ import annotations
@@ -125,17 +127,19 @@ class CrossLayerPolicy:
     """DynamicKV (`mode="dynamic"`) or one global threshold (`mode="global"`)."""
 
     mode: str = "dynamic"
-    max_factor: float = 2.0  # DynamicKV keeps up to 2x the mean per layer before re-allocating
+    max_factor: float | None = 2.0  # DynamicKV keeps up to 2x the mean per layer before re-allocating; None: no cap
     interval: int = 4  # re-allocate every 4 layers (DynamicKV's progressive update)
     cross_layer = True
 
     def __post_init__(self):
         if self.mode not in ("dynamic", "global"):
             raise ValueError(f"unknown cross-layer mode {self.mode!r}")
-        if self.max_factor < 1.0 or self.interval < 1:
-            raise ValueError("max_factor must be >= 1 and interval >= 1")
+        if (self.max_factor is not None and self.max_factor < 1.0) or self.interval < 1:
+            raise ValueError("max_factor must be >= 1 (or None) and interval >= 1")
 
     def cap(self, budget: float, doc_length: int) -> int:
+        if self.max_factor is None:
+            return max(1, doc_length)
         return max(1, min(doc_length, round(self.max_factor * budget)))
 
     def select(self, layer_idx: int, num_layers: int, scores: torch.Tensor, budget: float) -> list[torch.Tensor]:

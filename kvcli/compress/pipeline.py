@@ -38,7 +38,7 @@ from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
 from kvcli.compress.methods import Press
 from kvcli.compress.observation import Observation
 from kvcli.compress.scorers import Probe
-from kvcli.compress.window import split_attention, window_attention, window_probabilities
+from kvcli.compress.window import matmul_dtype, split_attention, window_attention, window_probabilities
 from kvcli.prompts import PromptLayout
 
 # 2048 tokens per chunk: the MLP activations of a chunk stay small next to one layer's
@@ -149,6 +149,8 @@ class _StepAttention:
         own. Returns (attention out, the probe's reduced attention [H, S]), or None off the
         CPU (the caller attends in one call as before)."""
         rows = keys.shape[2]
+        dtype = matmul_dtype(query)  # cast once, before any rows are picked out
+        keys, values, key, value = keys.to(dtype), values.to(dtype), key.to(dtype), value.to(dtype)
         if self.span is None:
             pieces = [(keys, values, False), (key, value, True)]
         else:

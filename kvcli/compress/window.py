@@ -31,12 +31,13 @@ def window_attention_torch(queries: torch.Tensor, keys: torch.Tensor, scale: flo
     lse: each query's log-sum-exp over these keys [Hq, W] when the caller has it already
     (`split_attention`); else it comes from the fused kernel, or from the logits.
     """
-    dtype = _matmul_dtype(keys)  # before autocast is turned off for the float32 statistics
+    dtype = matmul_dtype(keys)  # before autocast is turned off for the float32 statistics
     with torch.autocast(keys.device.type, enabled=False):
         return _window_attention_torch(queries, keys, scale, causal_offset, reduce, dtype, columns, lse)
 
 
-def _matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+def matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the reading's matmuls run in: autocast's where it is on, else the tensor's (float32 for other dtypes)."""
     device = tensor.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -109,8 +110,7 @@ def split_attention(query: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.
     """
     if _CPU_FLASH is None or query.device.type != "cpu":
         return None
-    dtype = _matmul_dtype(query)
-    group = query.shape[1] // pieces[0][0].shape[1]
+    dtype = matmul_dtype(query)
     q = query.to(dtype)
     outs, lses = [], []
     with torch.autocast("cpu", enabled=False):
@@ -119,9 +119,8 @@ def split_attention(query: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.
                 if keys.shape[2] == 0:
                     lses.append(torch.full(query.shape[:3], float("-inf"), device=query.device))
                     continue
-                k = keys.to(dtype).repeat_interleave(group, dim=1)
-                v = values.to(dtype).repeat_interleave(group, dim=1)
-                out, lse = _CPU_FLASH(q, k, v, 0.0, causal, scale=scale)[:2]
+                # the kernel maps query head i to KV head i // group itself (GQA): no copies
+                out, lse = _CPU_FLASH(q, keys.to(dtype), values.to(dtype), 0.0, causal, scale=scale)[:2]
                 outs.append((out, lse))
                 lses.append(lse.float())
         except RuntimeError:
