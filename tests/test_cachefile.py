@@ -484,6 +484,23 @@ def test_streamed_load_falls_back_when_memory_cannot_be_locked(saved, streamed, 
     assert_same(load_cache(saved, pin_memory=False)[0], loaded)
 
 
+def test_staging_is_never_larger_than_the_file(saved, monkeypatch):
+    """Page-locking costs time per byte: a small file gets a small staging block."""
+    monkeypatch.setattr(cachefile, "_streams", lambda device, pin_memory, header: True)
+    blocks = []
+    real = torch.empty
+
+    def spy(*args, **kwargs):
+        if "pin_memory" in kwargs:
+            blocks.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", spy)
+    load_cache(saved)
+    data = saved.stat().st_size - header_length(saved)
+    assert len(blocks) == 1 and blocks[0] <= max(cachefile.STAGING_SLOT_MIN, data)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("kv_dtype", ["auto", "int4"])
 def test_cuda_streamed_load_equals_the_pageable_load(tmp_path, kv_dtype):

@@ -775,8 +775,9 @@ def _stream_to_device(path, fd, tensors, layer_names, data_start, data_len, devi
     import torch
 
     workers = min(_threads(), max(1, len(tensors)))
-    count = 2 * workers
-    slot_bytes = max(STAGING_SLOT_MIN, STAGING_BYTES // count)
+    # Two slots a worker, never more staging than the file itself (page-locking costs time).
+    slot_bytes = max(STAGING_SLOT_MIN, min(STAGING_BYTES, data_len) // (2 * workers))
+    count = min(2 * workers, max(1, -(-data_len // slot_bytes)))
     try:
         block = torch.empty(count * slot_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     except RuntimeError:  # page-locked memory refused (a container's limit): the pageable path
