@@ -251,6 +251,7 @@ def test_a_person_at_a_terminal_on_a_tiny_model(model, tmp_path):
     child = spawn(["-c", DRIVER, str(history), str(length)])
     child.expect_exact("> ")
     child.send("a half-typed line")
+    child.expect_exact("a half-typed line")  # on the screen: readline has it (a Ctrl-C sent sooner can beat readline to the terminal)
     child.sendintr()  # Ctrl-C at the prompt clears the line
     child.expect_exact("> ")
     for question, answer in zip(QUESTIONS, expected):
