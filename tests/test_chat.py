@@ -228,10 +228,13 @@ from kvcli import api
 from kvcli.cli.chat import ChatSession, run_loop
 from kvcli.cli.common import Reporter
 from kvcli.compress.methods import make_press
+import faulthandler
+faulthandler.dump_traceback_later(100)  # a child that never prompts shows where it waits
 from tests.support import lively_model, two_page_document
 model, document = lively_model(), two_page_document()
 compressed = api.read(model, document, make_press("kvzip", ratio=0.5))
 session = ChatSession(model, compressed, document=document, generation=api.Generation(max_new_tokens=int(sys.argv[2])))
+faulthandler.cancel_dump_traceback_later()
 run_loop(session, Reporter(quiet=False), history_path=Path(sys.argv[1]))
 """
 UP = "\x1b[A"
@@ -310,6 +313,7 @@ def test_kvcli_chat_at_a_terminal_on_the_embedded_model(tmp_path, model_cache_di
     child.expect_exact("Biscuit")
     child.expect_exact("> ")
     child.sendline("Write a long poem about the sea, the lighthouse and its keeper.")
+    child.expect_exact("and its keeper.")  # the question's echo, so the match below is the answer's
     child.expect(r"\w{3}")  # the answer has begun
     child.sendintr()
     child.expect_exact("(stopped)")
