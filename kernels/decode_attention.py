@@ -218,24 +218,24 @@ def _num_sms(device: torch.device) -> int:
     return 132  # interpreter: pretend H100, only changes the split heuristic
 
 
-def choose_splits(max_length: int, total_rows: int, pairs: int, block_n: int, num_sms: int,
-                  programs_per_sm: int | None = None, max_splits: int = 1024) -> tuple[int, int]:
+# The split plan and combine width measured best on an H200 at every decode length (4K-131K
+# kept a head, graph-replayed; kernels/NOTES.md section 5, BENCHMARKS.md).
+PROGRAMS_PER_SM = 2
+COMBINE_COLUMNS = 32
+
+
+def choose_splits(max_length: int, total_rows: int, block_n: int, num_sms: int,
+                  programs_per_sm: int = PROGRAMS_PER_SM, max_splits: int = 1024) -> tuple[int, int]:
     """(num_splits, chunk rows) of the split-K plan; chunks past a head's length exit at once.
 
-    programs_per_sm None (the default): chunks of >= 2 blocks, sized from the longest head so
-    that about 8 programs per SM would run if every head had its length. 8, not more: on an
-    H100 with 8 KV heads of 131K mean (lognormal lengths) 126 splits read at 2.57-2.60 TB/s,
-    504 splits (32 per SM) at 2.34 TB/s (BENCHMARKS.md). With Ada-KV skew that leaves ~2
-    programs with work per SM at every length (kernels/NOTES.md, section 5).
-    programs_per_sm N: chunks of >= 1 block, sized from the `total_rows` held (every head's
-    segment, all sequences and query blocks), so that about N programs per SM have work
-    whatever the skew. Not the default until measured on a GPU (NOTES.md, section 5).
+    Chunks (whole blocks) are sized from the `total_rows` held (every head's segment, all
+    sequences and query blocks), so that about programs_per_sm programs per SM have work
+    whatever the skew between heads. Two, measured on an H200 against 4, 8 and 16 and
+    against sizing from the longest head (which left ~2 working programs per SM at 3.7x the
+    chunk): 53% of copy bandwidth at 4K mean vs 39%, 91% vs 71% at 13K (NOTES.md section 5).
     """
     if max_length <= 0:
         return 1, block_n
-    if programs_per_sm is None:
-        by_length = triton.cdiv(max_length, 2 * block_n)
-        return _chunking(max_length, max(1, min(by_length, triton.cdiv(8 * num_sms, max(pairs, 1)), max_splits)), block_n)
     per_program = triton.cdiv(max(total_rows, 1), programs_per_sm * num_sms)
     chunk = max(block_n, triton.cdiv(per_program, block_n) * block_n)
     return _chunking(max_length, min(triton.cdiv(max_length, chunk), max_splits), block_n)
@@ -247,13 +247,13 @@ def _chunking(max_length: int, splits: int, block_n: int) -> tuple[int, int]:
 
 
 def launch_config(batch, num_kv_heads, group, n, head_dim, max_length, device, *, total_rows=None,
-                  num_splits=None, block_n=None, num_warps=None, num_stages=None, programs_per_sm=None,
-                  combine_columns=None) -> dict:
+                  num_splits=None, block_n=None, num_warps=None, num_stages=None, programs_per_sm=PROGRAMS_PER_SM,
+                  combine_columns=COMBINE_COLUMNS) -> dict:
     """Tile sizes and split-K plan of `decode_attention` (also printed by the benchmark).
 
     total_rows: rows per sequence the cache holds (its capacity; default max_length per head);
-    programs_per_sm: see choose_splits; combine_columns: columns per combine program
-    (default all of D: one program per query row).
+    programs_per_sm: see choose_splits; combine_columns: columns per combine program (each
+    query row's merge of the splits is spread over D / combine_columns programs).
     """
     rows = group * n  # packed query rows per KV head
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -268,12 +268,11 @@ def launch_config(batch, num_kv_heads, group, n, head_dim, max_length, device, *
     if total_rows is None:
         total_rows = num_kv_heads * max_length
     if num_splits is None:
-        pairs = batch * num_kv_heads * m_blocks
-        splits, chunk = choose_splits(max_length, batch * total_rows * m_blocks, pairs, block_n, _num_sms(torch.device(device)),
+        splits, chunk = choose_splits(max_length, batch * total_rows * m_blocks, block_n, _num_sms(torch.device(device)),
                                       programs_per_sm)
     else:
         splits, chunk = _chunking(max_length, num_splits, block_n)
-    block_dc = block_d if combine_columns is None else min(block_d, combine_columns)  # combine: columns per program
+    block_dc = min(block_d, combine_columns)  # combine: columns per program
     block_s = min(triton.next_power_of_2(splits), 32 * 128 // block_dc)  # combine: splits per step ([block_s, block_dc] fp32)
     return dict(block_m=block_m, block_n=block_n, block_d=block_d, m_blocks=m_blocks, splits=splits, chunk=chunk,
                 num_warps=num_warps, num_stages=num_stages, block_s=block_s, block_dc=block_dc)
@@ -292,8 +291,8 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    programs_per_sm: int | None = None,  # see choose_splits
-    combine_columns: int | None = None,  # see launch_config
+    programs_per_sm: int = PROGRAMS_PER_SM,  # see choose_splits
+    combine_columns: int = COMBINE_COLUMNS,  # see launch_config
 ) -> torch.Tensor:  # [B, Hq, n, D], dtype of q
     batch, num_q_heads, n, head_dim = q.shape
     assert keys.shape[0] == batch and values.shape == keys.shape and keys.shape[2] == head_dim
@@ -457,17 +456,23 @@ def graph_benchmark(device: str = "cuda", dtype=torch.bfloat16, means=(4096, 131
                     programs=(2, 4, 8, 16), columns=(32, 128), block_ns=(64, 128)) -> list[dict]:
     """Decode's shape (B=1, 8 KV heads x 4 query heads, D=128, n=1, lognormal(sigma=1)
     lengths, 512 rows of headroom per head, max_length = the segment size as decode passes
-    it), graph-replayed: the default plan (chunks sized from the longest head, one combine
-    program per query row) against the plans of kernels/NOTES.md section 5: programs per SM
-    (from the rows held) x combine columns x block_n. Returns the rows; prints a table."""
+    it), graph-replayed: every plan of programs per SM x combine columns x block_n on the
+    same inputs, the default first (to retune it: kernels/NOTES.md section 5). Returns the
+    rows; prints a table."""
     torch.manual_seed(0)
     num_kv_heads, head_dim, group = 8, 128, 4
-    src = torch.empty(2**29, dtype=torch.bfloat16, device=device)
+    # The copy reference is an eager 1 GiB device copy, as kvcli.benchmarks.e2e measures it
+    # (4.24 TB/s on an H200). Graph-replayed, the same copy measured 2.77 TB/s (captured, it
+    # is a graph memcpy node, not the copy that kernels' bandwidth compares to).
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() * 2 / graph_replayed_us(lambda: dst.copy_(src), calls=5) / 1e3
+    copy_gbs = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") * 1e6)
     del src, dst
-    print(f"copy {copy_gbs:.0f} GB/s (graph-replayed, read + write); decode_attention B=1 Hkv=8 G=4 D=128 n=1 {dtype}")
-    print(f"{'mean':>7} {'config':>40} {'splits':>6} {'us':>7} {'GB/s':>6} {'%copy':>6}")
+    print(f"copy {copy_gbs:.0f} GB/s (eager 1 GiB device copy, read + write); decode_attention B=1 Hkv=8 G=4 D=128 n=1 {dtype}")
+    print(f"{'mean':>7} {'config':>44} {'splits':>6} {'us':>7} {'GB/s':>6} {'%copy':>6}")
+    default = {"programs_per_sm": PROGRAMS_PER_SM, "combine_columns": COMBINE_COLUMNS, "block_n": 64}
     rows = []
     for mean in means:
         lengths = skewed_lengths(num_kv_heads, mean).view(1, -1)
@@ -476,20 +481,23 @@ def graph_benchmark(device: str = "cuda", dtype=torch.bfloat16, means=(4096, 131
         max_len = int((offsets[1:] - offsets[:-1]).max())  # the segment size, as decode passes it
         q = torch.randn(1, num_kv_heads * group, 1, head_dim, device=device, dtype=dtype)
         kv_bytes = 2 * int(lengths.sum()) * head_dim * keys.element_size()
-        configs = {"default (longest head, one combine program a row)": {}}
-        for p in programs:
-            for c in columns:
-                for bn in block_ns:
-                    configs[f"{p}/SM, combine {c} cols, block_n {bn}"] = {"programs_per_sm": p, "combine_columns": c, "block_n": bn}
+        plans = [default] + [
+            plan for p in programs for c in columns for bn in block_ns
+            if (plan := {"programs_per_sm": p, "combine_columns": c, "block_n": bn}) != default
+        ]
+        configs = {
+            f"{'default: ' if plan is default else ''}{plan['programs_per_sm']}/SM, combine {plan['combine_columns']} cols, "
+            f"block_n {plan['block_n']}": plan
+            for plan in plans
+        }
         for name, kwargs in configs.items():
             fn = lambda: decode_attention(q, keys, values, offsets, lengths_d, 0.1, max_length=max_len, **kwargs)  # noqa: E731
             us = graph_replayed_us(fn)
-            cfg = launch_config(1, num_kv_heads, group, 1, head_dim, max_len, device, total_rows=keys.shape[1],
-                                **{k: v for k, v in kwargs.items()})
+            cfg = launch_config(1, num_kv_heads, group, 1, head_dim, max_len, device, total_rows=keys.shape[1], **kwargs)
             gbs = kv_bytes / us / 1e3
             row = {"mean": mean, "config": name, "splits": cfg["splits"], "us": us, "gb_s": gbs, "copy_share": gbs / copy_gbs}
             rows.append(row)
-            print(f"{mean:>7} {name:>40.40} {cfg['splits']:>6} {us:>7.1f} {gbs:>6.0f} {100 * gbs / copy_gbs:>5.0f}%")
+            print(f"{mean:>7} {name:>44.44} {cfg['splits']:>6} {us:>7.1f} {gbs:>6.0f} {100 * gbs / copy_gbs:>5.0f}%")
         del keys, values
     return rows
 
@@ -505,9 +513,16 @@ if __name__ == "__main__":
     parser.add_argument("--sweep-n", type=int, default=1, help="queries per sequence of the swept shape")
     parser.add_argument("--graph", action="store_true", help="only the graph-replayed table at decode's shape")
     parser.add_argument("--json", default=None, help="with --graph: also write its rows here")
+    parser.add_argument("--programs", default="2,4,8,16", help="with --graph: programs per SM to try (comma-separated)")
+    parser.add_argument("--columns", default="32,128", help="with --graph: combine columns to try")
+    parser.add_argument("--block-n", default="64,128", help="with --graph: block_n to try")
     args = parser.parse_args()
     if args.graph:
-        rows = graph_benchmark(dtype=getattr(torch, args.dtype))
+        def ints(text):
+            return tuple(int(x) for x in text.split(","))
+
+        rows = graph_benchmark(dtype=getattr(torch, args.dtype), programs=ints(args.programs), columns=ints(args.columns),
+                               block_ns=ints(args.block_n))
         if args.json:
             import json
 

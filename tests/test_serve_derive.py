@@ -314,3 +314,15 @@ def test_profiling_reads_each_method_once_and_selects_its_heavier_ratios(model, 
     reads.clear()
     assert profiler.per_question(document, ["What is the code?"], [1, 2, 3]) == derived
     assert [r["method"] for r in reads] == ["full", "kvzip", "kvzip", "kvzip"]
+
+
+def test_a_cache_moved_between_devices_keeps_its_read_timings(model):
+    """The GPU serve benchmark found every first read reporting prefill_seconds 0: the move to
+    the tier's device dropped the read's record. The meta device stands in for another one."""
+    compressed = read(model, "snapkv", 0.5)
+    moved = service_module.to_device(compressed, torch.device("meta"))
+    assert moved.cache.layers[0].keys.device.type == "meta"
+    assert moved.prefill is not None and moved.prefill.prefill_seconds == compressed.prefill.prefill_seconds > 0
+    assert moved.prefill.cache is moved.cache  # the old device's copy is not held through it
+    assert moved.pages is compressed.pages and moved.document_tokens == compressed.document_tokens
+    assert moved.kept.tolist() == compressed.kept.tolist()

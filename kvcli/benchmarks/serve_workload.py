@@ -408,6 +408,8 @@ def run(args) -> dict:
     capacities = {top: int(args.fast_fraction * full_total), "disk": int(args.disk_fraction * full_total)}
     if args.device == "cuda":
         capacities["cpu"] = int(args.cpu_fraction * full_total)
+    if not per_token:
+        raise KvcliError("the reference server reported no read times (prefill_seconds 0 for every first read): nothing to calibrate the cost model with")
     prefill = statistics.median(per_token)
 
     policies = sorted(parse_policies(args.policies), key=lambda p: p[0] != "joint")  # joint first: its profiles feed the cost model

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +57,10 @@ class NotFound(KvcliError):
 
 
 def to_device(compressed: Compressed, device: torch.device) -> Compressed:
-    """The same compressed document with its cache tensors on `device` (a no-op if there)."""
+    """The same compressed document with its cache tensors on `device` (a no-op if there).
+
+    Everything else is kept: the read's timings (what `--json` reports as prefill_seconds)
+    with its cache pointing at the moved one, so the old device's copy can be freed."""
     cache = compressed.cache
     if cache.next_position.device == device:
         return compressed
@@ -65,11 +69,11 @@ def to_device(compressed: Compressed, device: torch.device) -> Compressed:
         for l in cache.layers
     ]
     moved = CompressedCache(layers, cache.next_position.to(device), cache.original_length, cache.scores)  # scores stay on the CPU
-    return Compressed(
-        cache=moved, layout=compressed.layout, press=compressed.press, agnostic=compressed.agnostic,
-        document_tokens=compressed.document_tokens, source=compressed.source, kept=compressed.kept,
-        progressive=compressed.progressive, pages=compressed.pages,
-    )
+    prefill = compressed.prefill
+    if prefill is not None:
+        prefill = replace(prefill, cache=moved, last_logits=prefill.last_logits.to(device))
+    logits = compressed.first_logits
+    return replace(compressed, cache=moved, prefill=prefill, first_logits=None if logits is None else logits.to(device))
 
 
 def _writer_alive(temp_name: str) -> bool:
