@@ -3,6 +3,7 @@ report maths, the cost model's replay, the server process it starts, and a short
 concurrent requests against a tiny server."""
 
 import itertools
+import json
 import random
 import sys
 from pathlib import Path
@@ -187,3 +188,14 @@ def test_equal_quality_is_read_off_the_baselines_frontier():
     lines = workload.comparisons({"rows": rows})
     assert "1.50x at equal quality" in lines["measured"][0]  # 3.0 s interpolated half way, against 2.0 s
     assert "2.50x at equal quality" in lines["cost model"][0]
+
+
+def test_report_of_a_run_stopped_before_its_end_says_so(tmp_path, capsys):
+    """A run killed at a time limit leaves the rows it finished (written after each policy);
+    --report on it is a one-line error, not a KeyError."""
+    saved = tmp_path / "partial.json"
+    saved.write_text(json.dumps({"partial": True, "rows": [{"policy": "joint", "mean_ttft_s": 2.0, "mean_quality": 0.9}]}))
+    with pytest.raises(SystemExit) as exit_:
+        workload.main(["--report", str(saved)])
+    assert exit_.value.code == 1
+    assert "stopped before its end" in capsys.readouterr().err

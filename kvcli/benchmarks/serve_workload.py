@@ -436,6 +436,8 @@ def run(args) -> dict:
         row.update({"ingest_s": ingest_s, "replay_wall_s": wall, "tiers": health["tiers"], "ratio": ratio, "kind": policy, "actions": actions})
         rows.append(row)
         progress(f"{label}: mean TTFT {row['mean_ttft_s']:.3f} s, quality {row['mean_quality']:.3f}")
+        if args.out:  # each policy's row as it finishes: a run stopped at a time limit keeps what it measured
+            Path(args.out).write_text(json.dumps({"partial": True, "rows": rows}, indent=2))
 
     for row in rows:
         row["predicted"] = predict(row["kind"], row["ratio"], served_tiers, shape, listing, qualities, stream, prefill)
@@ -558,7 +560,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", default=None, help="print the tables of a saved --out file again (no run)")
     args = parser.parse_args(argv)
     if args.report:
-        return print_report(json.loads(Path(args.report).read_text()))
+        saved = json.loads(Path(args.report).read_text())
+        if saved.get("partial"):
+            parser.exit(1, f"error: {args.report} is a run stopped before its end: its finished rows are in the file, no tables\n")
+        return print_report(saved)
     if args.model_config == "llama-8b" and args.device != "cuda":
         parser.error("--model-config llama-8b needs --device cuda")
     try:
