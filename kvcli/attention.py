@@ -50,6 +50,11 @@ def install(model) -> None:
     model.set_attn_implementation(ATTENTION_NAME)
 
 
+def active_backend() -> AttentionBackend | None:
+    """The backend of the innermost `using` (None outside one)."""
+    return _active.get()
+
+
 @contextlib.contextmanager
 def using(backend: AttentionBackend):
     token = _active.set(backend)

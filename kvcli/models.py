@@ -53,6 +53,7 @@ class LoadedModel:
     context_length: int
     load_seconds: float
     converted: bool = False  # a GGUF was converted on this call (the slow, cold path)
+    plain: bool = False  # kvcli.plain's decoder, not transformers' (follow-ups from .kvc files on a CPU)
     # Per phase (kvcli.precision): `dtype` above is the decoding one, and what caches loaded
     # from .kvc files are cast to; reading may use another. None: `dtype` for both.
     precision: Precision | None = None
@@ -77,6 +78,8 @@ class LoadedModel:
         with its weights cast once to the read precision (kept for later reads; same
         tokenizer and fingerprint, and `dtype` still the decoding one, so caches it loads
         decode here)."""
+        if self.plain:  # kvcli.plain decodes over caches; reading needs transformers' modules
+            raise KvcliError("this model was loaded to answer from .kvc files only (plain=True); load it without plain to read documents")
         if self.precision.autocast or _weights_dtype(self.model) == self.read_dtype:
             return self
         if self._reader is None:
@@ -302,7 +305,40 @@ def _remembered_fingerprint(model, tokenizer, weights_id: str, local: Path) -> s
     if fingerprint is None:
         fingerprint = _fingerprint(model, tokenizer, weights_id)
         _memo_put(key, fingerprint)
+    plain_key = _plain_fingerprint_key(local, weights_id)
+    if _memo_get(plain_key) != fingerprint:
+        _memo_put(plain_key, fingerprint)
     return fingerprint
+
+
+def _plain_fingerprint_key(local: Path, weights_id: str) -> str:
+    """Where the plain path (kvcli.plain, no transformers) finds the fingerprint that the
+    transformers path computed for the same unchanged files: it cannot compute it itself
+    (the fingerprint hashes transformers' full config), and without it loads no model."""
+    names = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    files = [local / n for n in names if (local / n).is_file()]
+    return "plain-fingerprint:" + hashlib.sha256(json.dumps([weights_id, [_file_identity(f) for f in files]]).encode()).hexdigest()
+
+
+def _load_plain(local: Path, weights_id: str, device: torch.device, dtype: torch.dtype) -> tuple[object, object, str] | None:
+    """(model, tokenizer, fingerprint) through kvcli.plain, or None where it does not apply
+    and the caller loads through transformers: not a CPU, a model it does not cover, files
+    changed since transformers last loaded them (no remembered fingerprint)."""
+    if device.type != "cpu":  # on CUDA decoding runs kvcli.fastpath over transformers' modules
+        return None
+    fingerprint = _memo_get(_plain_fingerprint_key(local, weights_id))
+    if fingerprint is None:
+        return None
+    from kvcli import plain
+
+    try:
+        model = plain.load_weights(local, dtype)
+        tokenizer = plain.PlainTokenizer(local) if model is not None else None
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if model is None or not tokenizer.chat_template:
+        return None
+    return model, tokenizer, fingerprint
 
 
 def _tied_key_mapping(local: Path) -> dict | None:
@@ -354,17 +390,16 @@ def _load_direct(local: Path, dtype: torch.dtype, key_mapping: dict | None) -> t
     return model
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: torch.dtype | str | None = None) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: torch.dtype | str | None = None,
+               plain: bool = False) -> LoadedModel:
     """Load a model offline and route its attention through kvcli's compressed cache.
 
     dtype: None or "auto" picks each phase's precision for the device (kvcli.precision:
     on a CPU with native bf16, read in bfloat16 and decode in float32); a torch dtype or a
     name ("float32", "bfloat16", "float16") forces both phases.
+    plain: decode-only use (answering from .kvc files): on a CPU, load through kvcli.plain
+    without importing transformers where it covers the model; the model cannot read documents.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvcli.attention import install
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     torch_device = resolve_device(device)
@@ -375,13 +410,24 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: torch.
     if gguf_name is not None:
         sha = _gguf_sha256(directory / gguf_name)
         local = cache_dir() / "models" / f"{Path(gguf_name).stem}-{sha[:16]}"
-        if not (local / "model.safetensors").is_file():
-            _convert_gguf(directory, gguf_name, local)
-            converted = True
         weights_id = f"gguf:{sha}"
     else:
         local = directory
         weights_id = _weights_id(local)
+    if plain and (found := _load_plain(local, weights_id, torch_device, dtype)) is not None:
+        model, tokenizer, fingerprint = found
+        return LoadedModel(
+            model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint, device=torch_device, dtype=dtype,
+            context_length=int(getattr(model.config, "max_position_embeddings", 0) or 0),
+            load_seconds=time.perf_counter() - start, precision=precision, plain=True,
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcli.attention import install
+
+    if gguf_name is not None and not (local / "model.safetensors").is_file():
+        _convert_gguf(directory, gguf_name, local)
+        converted = True
     key_mapping = _tied_key_mapping(local)
     try:
         model = _load_direct(local, dtype, key_mapping)

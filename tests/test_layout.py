@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["kvcli", "kvcli.errors"],
     ["kvcli.documents", "kvcli.prompts", "kvcli.cache", "kvcli.attention", "kvcli.kernels"],
-    ["kvcli.precision", "kvcli.models"],
+    ["kvcli.precision", "kvcli.plain", "kvcli.models"],
     ["kvcli.compress", "kvcli.generate", "kvcli.fastpath", "kvcli.citations"],
     ["kvcli.store"],
     ["kvcli.api"],

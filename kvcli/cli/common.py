@@ -66,15 +66,17 @@ class Reporter:
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def load_model_reporting(spec: str, device: str, reporter: Reporter, dtype: str = "auto"):
-    """Load the model (dtype: a --dtype value, see kvcli.precision) and say so on stderr."""
+def load_model_reporting(spec: str, device: str, reporter: Reporter, dtype: str = "auto", *, plain: bool = False):
+    """Load the model (dtype: a --dtype value, see kvcli.precision) and say so on stderr.
+    plain: only answering from .kvc files (kvcli.models.load_model)."""
     from kvcli.models import load_model
 
     with reporter.status(f"Loading model {spec} (the first run converts the embedded model: ~20 s)"):
-        model = load_model(spec, device=device, dtype=dtype)
+        model = load_model(spec, device=device, dtype=dtype, plain=plain)
     phases = model.precision
-    shown = phases.read if phases.read == phases.decode else f"reading {phases.read}, decoding {phases.decode}"
-    reporter.note(f"[dim]model {model.name} on {model.device} ({shown}), loaded in {model.load_seconds:.1f} s[/]")
+    shown = phases.decode if model.plain else phases.read if phases.read == phases.decode else f"reading {phases.read}, decoding {phases.decode}"
+    how = ", plain torch decoder" if model.plain else ""
+    reporter.note(f"[dim]model {model.name} on {model.device} ({shown}{how}), loaded in {model.load_seconds:.1f} s[/]")
     return model
 
 

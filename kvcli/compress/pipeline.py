@@ -31,7 +31,6 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from kvcli import attention
 from kvcli.cache import DEFAULT_HEADROOM, CompressedCache, LayerCache
@@ -219,7 +218,7 @@ class _StepAttention:
                     self._record(split[1][0], h)
                     continue
             out[0, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
-                q.unsqueeze(0), k[None, None], v[None, None], attn_mask=causal_lower_right(n, k.shape[0]), scale=scale, enable_gqa=True
+                q.unsqueeze(0), k[None, None], v[None, None], attn_mask=_causal_lower_right(n, k.shape[0]), scale=scale, enable_gqa=True
             )[0]
             if probe:
                 seen_rows = self.rows.keys[h].shape[0] + self.length
@@ -251,11 +250,19 @@ class _StepAttention:
             self.observed[head] = seen
 
 
+def _causal_lower_right(queries: int, keys: int):
+    # Imported here: torch.nn.attention.bias imports torch._dynamo (1.2 s on a 2-core CPU),
+    # which a follow-up from a .kvc file never needs.
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(queries, keys)
+
+
 def _causal(query, keys, values, scale):
     n = query.shape[2]
     if n == keys.shape[2]:  # the whole step at once: plain causal, the fastest kernels
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-    mask = causal_lower_right(n, keys.shape[2])
+    mask = _causal_lower_right(n, keys.shape[2])
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
