@@ -142,11 +142,15 @@ def test_a_follow_up_from_a_kvc_file_answers_the_same_without_transformers(embed
     assert models._load_plain(converted_folder(embedded), "gguf:other", torch.device("cpu"), torch.float32) is None
     generation = api.Generation(max_new_tokens=20)
     questions = ["Where was the station?", "What was measured?"]
-    answers = {}
+    answers, cited = {}, {}
     for name, model in (("transformers", embedded), ("plain", follower)):
         loaded, _ = persist.load(model, path)
         answers[name] = [a.answer for a in api.answer(model, loaded, questions, generation)]
+        loaded, _ = persist.load(model, path)
+        (result,) = api.answer(model, loaded, questions[:1], generation, cite=True)  # the citation pass runs the decoder too
+        cited[name] = [(c.page, round(c.share, 5)) for c in result.citations]
     assert answers["plain"] == answers["transformers"]
+    assert cited["plain"] == cited["transformers"] and cited["plain"]
 
 
 def test_kvcli_ask_on_a_kvc_file_does_not_import_transformers(embedded, tmp_path):

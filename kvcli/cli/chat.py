@@ -382,7 +382,7 @@ def open_local(
         from kvcli.store.kvcfile import read_header
 
         read_header(source)  # a bad file fails here, before the model is loaded
-        loaded = load_model_reporting(model, device, reporter, dtype)
+        loaded = load_model_reporting(model, device, reporter, dtype, plain=True)  # a session over a file reads no document
         compressed, header = persist.load(loaded, source)
         reporter.note(f"[dim]reusing {source}: {header.document.name}, {header.method.method} at ratio {header.method.ratio}[/]")
         return ChatSession(loaded, compressed, header=header, generation=generation)

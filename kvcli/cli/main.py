@@ -139,7 +139,7 @@ def _run_question(
     press = None if from_file else make_press(method, ratio=ratio, budget=budget, alpha=alpha)
     document = None if from_file else _load_document(source, password, reporter)
     # Answering from a file reads no document: on a CPU that needs no transformers (kvcli.plain).
-    loaded = load_model_reporting(model, device, reporter, dtype, plain=from_file and not cite)
+    loaded = load_model_reporting(model, device, reporter, dtype, plain=from_file)
     started = time.perf_counter()
     precision = loaded.precision.describe()
     if from_file:
