@@ -155,7 +155,7 @@ def test_compressing_further_in_memory_calls_no_model(char_tokenizer, monkeypatc
     placed(service, entry, 2, "cpu")  # kvzip@0.25, selected from the 0.5 cache held
     counts.close()
     assert (counts.reads, counts.passes) == (0, 0)
-    assert service.placement_work == {"read": 1, "derived": 1, "loaded": 0}
+    assert service.placement_work == {"read": 1, "derived": 1, "loaded": 0, "profiled": 0}
     held = service.memory[entry.id][2]
     assert held.press.ratio == 0.25 and held.cache.scores is not None
     assert_same_rows(held.cache, fresh(service, 2).cache)
@@ -222,7 +222,7 @@ def test_without_scores_the_document_is_read_again(char_tokenizer, monkeypatch):
     memory.memory[entry.id][2].cache.scores = None
     counts = Counts(memory, monkeypatch)
     placed(memory, entry, 2, "cpu")
-    assert counts.reads == 1 and memory.placement_work == {"read": 2, "derived": 0, "loaded": 0}
+    assert counts.reads == 1 and memory.placement_work == {"read": 2, "derived": 0, "loaded": 0, "profiled": 0}
     counts.close()
 
 
@@ -326,3 +326,24 @@ def test_a_cache_moved_between_devices_keeps_its_read_timings(model):
     assert moved.prefill.cache is moved.cache  # the old device's copy is not held through it
     assert moved.pages is compressed.pages and moved.document_tokens == compressed.document_tokens
     assert moved.kept.tolist() == compressed.kept.tolist()
+
+
+def test_the_move_after_profiling_takes_the_profilers_read(char_tokenizer, monkeypatch):
+    """Profiling reads the document at every method it measures; the placement right after
+    it (full does not fit: compress) takes that read instead of reading the document again."""
+    from kvcli.serve.service import ModelService
+
+    plain_service = tiny_service(char_tokenizer, cpu_bytes=10**9)
+    service = ModelService(plain_service.model, plain_service.manager, profile=True)
+    entry = admitted(service)
+    service.materialize(entry)  # the question's read: the full cache, now in memory
+    assert service.placement_work["read"] == 1
+    full = service.manager.size(entry, 0, "cpu")
+    service.manager.tiers[0].capacity = int(0.6 * full)  # the full cache no longer fits
+    service.manager.tiers[1].bandwidth = 1e3  # and loading from disk is slow: compressing is the move
+    service.after_request()
+    assert entry.profiled and entry.config != 0 and entry.tier == "cpu", (entry.config, entry.tier)
+    assert service.placement_work["read"] == 1 and service.placement_work["profiled"] == 1
+    assert not service._profiled_reads  # let go once placed
+    held = service.memory[entry.id][2]
+    assert_same_rows(held.cache, fresh(service, entry.config).cache)

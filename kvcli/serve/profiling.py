@@ -81,6 +81,14 @@ class AgreementProfiler:
         self.model, self.configs = model, configs
         self.documents, self.recent_questions = documents, recent_questions
         self.answer_tokens, self.probes = answer_tokens, probes
+        # The reads of the last document profiled, {(method, ratio): Compressed}, until the
+        # server takes them (`take_reads`): its next placement move is then no read.
+        self._last_reads: tuple[str, dict] | None = None
+
+    def take_reads(self, entry_id: str) -> dict[tuple[str, float], Compressed]:
+        """The caches read while profiling `entry_id` last (once: they are let go), {} if none."""
+        last, self._last_reads = self._last_reads, None
+        return last[1] if last is not None and last[0] == entry_id else {}
 
     def questions(self, entry: Entry, document: Document) -> list[str]:
         opening = " ".join(document.text.split()[:6])
@@ -90,13 +98,17 @@ class AgreementProfiler:
         document = self.documents(entry.id)
         if document is None or not document.text:
             return {}
-        scores = self.per_question(document, self.questions(entry, document), configs)
+        reads: dict[tuple[str, float], Compressed] = {}
+        scores = self.per_question(document, self.questions(entry, document), configs, reads=reads)
+        self._last_reads = (entry.id, reads)
         return {index: sum(s) / len(s) if s else 1.0 for index, s in scores.items()}
 
-    def per_question(self, document: Document, questions: list[str], configs: list[int]) -> dict[int, list[float]]:
-        """Each configuration's agreement with the full cache, one score per question it answered."""
+    def per_question(self, document: Document, questions: list[str], configs: list[int],
+                     reads: dict[tuple[str, float], Compressed] | None = None) -> dict[int, list[float]]:
+        """Each configuration's agreement with the full cache, one score per question it answered.
+        reads: filled with the caches read (or derived) for it, by (method, ratio)."""
         model = self.model
-        reads: dict[tuple[str, float], Compressed] = {}
+        reads = {} if reads is None else reads
 
         def read(config: Config) -> Compressed:
             key = (config.method, config.ratio)

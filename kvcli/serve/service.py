@@ -112,7 +112,10 @@ class ModelService:
         # How placement got each cache it did not already hold: "read" (the
         # document read with the model), "derived" (selected from a lighter copy by its scores,
         # no model pass), "loaded" (a file of the disk tier read back).
-        self.placement_work = {"read": 0, "derived": 0, "loaded": 0}
+        self.placement_work = {"read": 0, "derived": 0, "loaded": 0, "profiled": 0}
+        # The profiler's reads of entries profiled in this after_request, {id: {(method, ratio):
+        # Compressed}}, for the rebalance right after it ("profiled": a move took one, no read).
+        self._profiled_reads: dict[str, dict] = {}
         if profile and manager.profiler is None:
             manager.profiler = self.profiler()
 
@@ -236,6 +239,9 @@ class ModelService:
         derived = self._derive(entry, config)
         if derived is not None:
             return derived
+        profiled = self._from_profile(entry, config)
+        if profiled is not None:
+            return profiled, "auto"
         document = self.documents.get(entry.id)
         if document is None or not document.text:
             raise KvcliError(f"{entry.name}: its text is unknown; ask about the document again to re-read it")
@@ -245,6 +251,21 @@ class ModelService:
             rate = compressed.prefill.prefill_seconds / max(1, compressed.cache.original_length)
             self.manager.prefill_seconds_per_token = 0.7 * self.manager.prefill_seconds_per_token + 0.3 * rate
         return compressed, "auto"
+
+    def _from_profile(self, entry: Entry, config: Config) -> Compressed | None:
+        """config's cache from the reads the profiler just made of this entry: the very read,
+        or selected from a lighter one of the same method by its scores; None otherwise."""
+        reads = self._profiled_reads.get(entry.id)
+        if not reads:
+            return None
+        found = reads.get((config.method, config.ratio))
+        if found is None:
+            target = press_for(config)
+            lighter = sorted((r, c) for (m, r), c in reads.items() if m == config.method and r > config.ratio)
+            found = next((d for d in (c.derive(target) for _, c in lighter) if d is not None), None)
+        if found is not None:
+            self.placement_work["profiled"] += 1
+        return found
 
     def _derive(self, entry: Entry, config: Config) -> tuple[Compressed, str] | None:
         """config's cache selected from a lighter copy held (memory first, then disk) by the
@@ -603,7 +624,19 @@ class ModelService:
                     self.manager.profile(entry)
                 except KvcliError as exc:
                     self.manager.note(entry.id, f"profiling failed: {exc}")
-        self.rebalance()
+                self._keep_profiled_reads(entry)
+        self._rebalance_after_profiling()
+
+    def _keep_profiled_reads(self, entry: Entry) -> None:
+        take = getattr(self.manager.profiler, "take_reads", None)  # a profiler of ours (tests give others)
+        if take is not None:
+            self._profiled_reads[entry.id] = take(entry.id)
+
+    def _rebalance_after_profiling(self) -> None:
+        try:
+            self.rebalance()
+        finally:
+            self._profiled_reads.clear()  # held only for this rebalance: memory is the tiers' to account
 
     def remove(self, prefix: str) -> list[str]:
         if not _HEX_ID.fullmatch(prefix):
@@ -659,7 +692,8 @@ class ModelService:
             entry = min(due, key=lambda e: (e.profiled, e.profiled_at))
             self.asked_since_profile.discard(entry.id)
             self.manager.profile(entry)
-            self.rebalance()
+            self._keep_profiled_reads(entry)
+            self._rebalance_after_profiling()
             return entry.id
         finally:
             self.lock.release()
