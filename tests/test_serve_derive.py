@@ -347,3 +347,21 @@ def test_the_move_after_profiling_takes_the_profilers_read(char_tokenizer, monke
     assert not service._profiled_reads  # let go once placed
     held = service.memory[entry.id][2]
     assert_same_rows(held.cache, fresh(service, entry.config).cache)
+
+
+def test_profiling_waits_while_other_requests_wait_for_the_model(char_tokenizer):
+    """A new document's profiling (reads at every measured method) would hold the model for
+    everyone queued behind it: it runs at the first reply with nobody waiting."""
+    from kvcli.serve.service import ModelService
+
+    plain_service = tiny_service(char_tokenizer, cpu_bytes=10**9)
+    service = ModelService(plain_service.model, plain_service.manager, profile=True)
+    entry = admitted(service)
+    service.materialize(entry)
+    service.reserve()  # the request holding the model
+    service.reserve()  # and one waiting for it
+    service.after_request()
+    assert not entry.profiled
+    service.release()  # the other one is served: nobody waits behind this reply
+    service.after_request()
+    assert entry.profiled

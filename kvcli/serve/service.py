@@ -150,6 +150,11 @@ class ModelService:
                 raise Busy(f"server busy: {self.pending} requests already waiting for the model; retry later")
             self.pending += 1
 
+    def others_waiting(self) -> bool:
+        """Whether requests besides the one holding the model wait for it (call inside `turn()`)."""
+        with self._pending_lock:
+            return self.pending > 1
+
     def release(self) -> None:
         with self._pending_lock:
             self.pending -= 1
@@ -615,8 +620,13 @@ class ModelService:
 
     def after_request(self) -> None:
         """Once a reply is out: profile documents added since ("profiled when added"), then
-        settle placement (overflows resolved, files written), off the request's critical path."""
-        if self.manager.profiler is not None:
+        settle placement (overflows resolved, files written), off the request's critical path.
+
+        Profiling waits while other requests wait for the model: it reads the document at
+        every method it measures (seconds on a GPU, tens of seconds on a CPU), all of it
+        added to their time to first token. It runs at the next reply with nobody waiting,
+        or when the server is idle (`profile_idle`)."""
+        if self.manager.profiler is not None and not self.others_waiting():
             fresh = [e for e in list(self.manager.entries.values()) if not e.profiled and self.known_text(e.id)]
             for entry in fresh:
                 self.asked_since_profile.discard(entry.id)  # its questions so far are among the probes
