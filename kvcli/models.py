@@ -331,10 +331,12 @@ def _load_plain(local: Path, weights_id: str, device: torch.device, dtype: torch
         return None
     from kvcli import plain
 
+    if not all((local / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None  # a tokenizer `tokenizers` cannot read alone (sentencepiece files): transformers'
     try:
         model = plain.load_weights(local, dtype)
         tokenizer = plain.PlainTokenizer(local) if model is not None else None
-    except (OSError, ValueError, KeyError, RuntimeError):
+    except Exception:  # noqa: BLE001 - anything this path cannot read (tokenizers raises bare Exceptions) falls back to transformers
         return None
     if model is None or not tokenizer.chat_template:
         return None

@@ -210,11 +210,19 @@ class PlainLlama(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.model = Decoder(config, head_dim)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        eos = getattr(config, "eos_token_id", None)
-        self.generation_config = SimpleNamespace(eos_token_id=eos)
+        self.generation_config = SimpleNamespace(eos_token_id=getattr(config, "eos_token_id", None))
 
     def get_input_embeddings(self) -> Embedding:
         return self.model.embed_tokens
+
+
+def stop_token_ids(local: Path, config: PlainConfig):
+    """eos_token_id as transformers' generation config has it: generation_config.json's
+    (Llama 3.1 lists three) where the folder has one, else the model config's."""
+    try:
+        return json.loads((local / "generation_config.json").read_text()).get("eos_token_id", config.eos_token_id)
+    except (OSError, ValueError, AttributeError):
+        return getattr(config, "eos_token_id", None)
 
 
 def load_weights(local: Path, dtype: torch.dtype) -> PlainLlama | None:
@@ -245,6 +253,7 @@ def load_weights(local: Path, dtype: torch.dtype) -> PlainLlama | None:
     model.load_state_dict({name: cast[t.data_ptr()] for name, t in state.items()}, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.generation_config.eos_token_id = stop_token_ids(local, config)
     return model.eval()
 
 

@@ -85,6 +85,14 @@ def test_plain_loader_declines_what_it_does_not_cover(tmp_path):
     assert plain.load_weights(folder, torch.float32) is None
 
 
+def test_stop_tokens_follow_the_generation_config_as_transformers_does(tmp_path):
+    """Llama 3.1's folders list several end tokens in generation_config.json: all of them stop."""
+    _, folder = transformers_llama(tmp_path, eos_token_id=2)
+    assert plain.load_weights(folder, torch.float32).generation_config.eos_token_id == 2
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9]}))
+    assert plain.load_weights(folder, torch.float32).generation_config.eos_token_id == [2, 7, 9]
+
+
 def test_the_plain_model_refuses_to_read_documents(tmp_path):
     _, folder = transformers_llama(tmp_path)
     loaded = LoadedModel(plain.load_weights(folder, torch.float32), None, "tiny", "f" * 64, torch.device("cpu"), torch.float32, 4096, 0.0, plain=True)
