@@ -248,7 +248,8 @@ def report(model: LoadedModel, document: dict, compressed: Compressed, answer_: 
     return {
         "question": answer_.question,
         "answer": answer_.answer,
-        "model": {"name": model.name, "fingerprint": model.fingerprint, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")},
+        "model": {"name": model.name, "fingerprint": model.fingerprint, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+                  "decoder": "plain" if model.plain else "transformers"},  # kvcli.plain: follow-ups from .kvc files on a CPU
         "document": {
             "name": document["name"],
             "sha256": document["sha256"],

@@ -179,3 +179,8 @@ def test_kvcli_ask_on_a_kvc_file_does_not_import_transformers(embedded, tmp_path
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "LOADED False False" in out.stdout, out.stdout[-500:] + out.stderr[-1000:]
+    record = json.loads(subprocess.run(
+        [sys.executable, "-m", "kvcli.cli.main", "ask", str(path), "Where was the station?", "--max-new-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
+    ).stdout)
+    assert record["model"]["decoder"] == "plain" and record["model"]["fingerprint"] == embedded.fingerprint
