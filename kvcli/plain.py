@@ -30,17 +30,10 @@ from kvcli import attention
 ROPE_TYPES = ("default", "llama3")
 
 
-# ---- the config ---------------------------------------------------------------------------
+# ---- the config (config.json as attributes, what kvcli reads of a transformers config) ----
 
 
-class PlainConfig(SimpleNamespace):
-    """config.json as attributes (what kvcli reads of a transformers config)."""
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
-
-
-def rope_parameters(config: PlainConfig) -> dict:
+def rope_parameters(config: SimpleNamespace) -> dict:
     """RoPE settings from a transformers 5 config (rope_parameters) or a 4.x one (rope_theta, rope_scaling)."""
     params = getattr(config, "rope_parameters", None)
     if params:
@@ -50,7 +43,7 @@ def rope_parameters(config: PlainConfig) -> dict:
     return {"rope_theta": getattr(config, "rope_theta", 10000.0), **scaling}
 
 
-def unsupported_reason(config: PlainConfig) -> str | None:
+def unsupported_reason(config: SimpleNamespace) -> str | None:
     """Why this model must load through transformers (None: the plain path matches it)."""
     if getattr(config, "model_type", None) != "llama":
         return f"model type {getattr(config, 'model_type', None)!r}"
@@ -105,7 +98,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-def inverse_frequencies(config: PlainConfig, head_dim: int) -> torch.Tensor:
+def inverse_frequencies(config: SimpleNamespace, head_dim: int) -> torch.Tensor:
     rope = rope_parameters(config)
     base = float(rope.get("rope_theta", 10000.0))
     # On the CPU even while the model is built on the meta device (its weights come from the file; this is computed)
@@ -123,7 +116,7 @@ def inverse_frequencies(config: PlainConfig, head_dim: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    def __init__(self, config: PlainConfig, head_dim: int):
+    def __init__(self, config: SimpleNamespace, head_dim: int):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(config, head_dim), persistent=False)
 
@@ -141,7 +134,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: PlainConfig, layer_idx: int, head_dim: int):
+    def __init__(self, config: SimpleNamespace, layer_idx: int, head_dim: int):
         super().__init__()
         self.layer_idx, self.head_dim = layer_idx, head_dim
         self.scaling = head_dim**-0.5
@@ -168,7 +161,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: PlainConfig):
+    def __init__(self, config: SimpleNamespace):
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))
         self.gate_proj = Linear(hidden, inner, bias=bias)
@@ -180,7 +173,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PlainConfig, layer_idx: int, head_dim: int):
+    def __init__(self, config: SimpleNamespace, layer_idx: int, head_dim: int):
         super().__init__()
         self.self_attn = Attention(config, layer_idx, head_dim)
         self.mlp = MLP(config)
@@ -193,7 +186,7 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: PlainConfig, head_dim: int):
+    def __init__(self, config: SimpleNamespace, head_dim: int):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, head_dim) for i in range(config.num_hidden_layers))
@@ -204,7 +197,7 @@ class Decoder(nn.Module):
 class PlainLlama(nn.Module):
     """LlamaForCausalLM's modules and names, for decoding over a kvcli cache only."""
 
-    def __init__(self, config: PlainConfig):
+    def __init__(self, config: SimpleNamespace):
         super().__init__()
         self.config = config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -216,7 +209,7 @@ class PlainLlama(nn.Module):
         return self.model.embed_tokens
 
 
-def stop_token_ids(local: Path, config: PlainConfig):
+def stop_token_ids(local: Path, config: SimpleNamespace):
     """eos_token_id as transformers' generation config has it: generation_config.json's
     (Llama 3.1 lists three) where the folder has one, else the model config's."""
     try:
@@ -232,7 +225,7 @@ def load_weights(local: Path, dtype: torch.dtype) -> PlainLlama | None:
 
     weights = local / "model.safetensors"
     try:
-        config = PlainConfig(**json.loads((local / "config.json").read_text()))
+        config = SimpleNamespace(**json.loads((local / "config.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
     if not weights.is_file() or unsupported_reason(config) is not None:

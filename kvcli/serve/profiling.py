@@ -29,6 +29,18 @@ def press_for(config: Config):
     return make_press(config.method, ratio=None if config.method == "full" else config.ratio)
 
 
+def from_reads(reads: dict[tuple[str, float], Compressed], config: Config) -> Compressed | None:
+    """config's cache among `reads` ({(method, ratio): Compressed}), or selected from the
+    closest lighter read of its method by the scores it was compressed with
+    (`Compressed.derive`: no model pass); None when neither gives it."""
+    found = reads.get((config.method, config.ratio))
+    if found is not None:
+        return found
+    target = press_for(config)
+    lighter = sorted(((r, c) for (m, r), c in reads.items() if m == config.method and r > config.ratio), key=lambda rc: rc[0])
+    return next((c for c in (held.derive(target) for _, held in lighter) if c is not None), None)
+
+
 def quantized_copy(compressed: Compressed, kv_dtype: str) -> Compressed:
     """What a cache stored as int8/int4 reads back as (compute dtype, rounding applied)."""
     bits = {"int8": 8, "int4": 4}.get(kv_dtype)
@@ -112,12 +124,10 @@ class AgreementProfiler:
 
         def read(config: Config) -> Compressed:
             key = (config.method, config.ratio)
-            if key not in reads:
-                press = press_for(config)
-                # the closest lighter read of the same method, if any, gives it by selection alone
-                lighter = sorted(((r, c) for (m, r), c in reads.items() if m == config.method and r > config.ratio), key=lambda rc: rc[0])
-                derived = next((c for c in (held.derive(press) for _, held in lighter) if c is not None), None)
-                reads[key] = derived or api.read(model, document, press, question=None, headroom_tokens=self.answer_tokens + 64)
+            if key not in reads:  # a lighter read of the same method, if any, gives it by selection alone
+                reads[key] = from_reads(reads, config) or api.read(
+                    model, document, press_for(config), question=None, headroom_tokens=self.answer_tokens + 64
+                )
             return reads[key]
 
         full = read(Config("full", 1.0))

@@ -38,7 +38,7 @@ from kvcli.errors import KvcliError
 from kvcli.serve.manager import NOWHERE, CacheManager, CacheShape, Config, Entry
 from kvcli.compress.methods import make_press
 from kvcli.models import LoadedModel
-from kvcli.serve.profiling import AgreementProfiler, press_for, quantized_copy
+from kvcli.serve.profiling import AgreementProfiler, from_reads, press_for, quantized_copy
 from kvcli.serve.requests import AskRequest, CompressRequest, DocumentSource
 from kvcli.prompts import PromptLayout
 
@@ -260,14 +260,7 @@ class ModelService:
     def _from_profile(self, entry: Entry, config: Config) -> Compressed | None:
         """config's cache from the reads the profiler just made of this entry: the very read,
         or selected from a lighter one of the same method by its scores; None otherwise."""
-        reads = self._profiled_reads.get(entry.id)
-        if not reads:
-            return None
-        found = reads.get((config.method, config.ratio))
-        if found is None:
-            target = press_for(config)
-            lighter = sorted((r, c) for (m, r), c in reads.items() if m == config.method and r > config.ratio)
-            found = next((d for d in (c.derive(target) for _, c in lighter) if d is not None), None)
+        found = from_reads(self._profiled_reads.get(entry.id, {}), config)
         if found is not None:
             self.placement_work["profiled"] += 1
         return found
