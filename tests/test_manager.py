@@ -115,6 +115,50 @@ def test_sensitive_documents_stay_lightly_compressed():
     assert sum(robust_steps) > 0  # the robust ones absorbed the compression
 
 
+def test_a_busy_model_weighs_delay_by_the_queue_it_makes():
+    """With the model busy 90% of the time, every second a request holds it costs the ones
+    queued behind it: delay weighs alpha / (1 - 0.9), and the same sensitive documents an
+    idle server demotes (quality kept) are compressed instead (loads kept short)."""
+    m = manager()
+    assert m.delay_weight() == 0.5
+    m.utilization = 0.8
+    assert m.delay_weight() == pytest.approx(2.5)
+    m.utilization = 1.0  # clamped: 10x at most
+    assert m.delay_weight() == pytest.approx(5.0)
+
+    def placed(utilization):
+        m = manager(gpu=3 * MB, cpu=3 * MB, disk=1e9, profiler=sensitivity_profiler({f"doc{i}" for i in range(8)}), cpu_bandwidth=1e8, disk_bandwidth=1e7)
+        m.utilization = utilization
+        for i in range(8):
+            entry = m.add(Entry(f"{i:032x}", f"doc{i}", doc_tokens=1500))
+            m.access(entry.id)
+            m.resolve()
+        return [e.config for e in m.entries.values()]
+
+    assert max(placed(0.0)) == 0  # idle: demoted, never compressed
+    assert sum(placed(0.9)) > 0  # busy: compressed to load faster
+
+
+def test_busy_lock_measures_the_share_of_time_it_is_held():
+    from kvcli.serve.busy import BusyLock
+
+    clock = Clock()
+    lock = BusyLock(window=10.0, clock=clock)
+    assert lock.utilization() == 0.0
+    clock.now = 2.0
+    with lock:
+        clock.now = 3.0
+        assert lock.utilization() == pytest.approx(1 / 3)  # held now: counted
+    clock.now = 4.0
+    assert lock.utilization() == pytest.approx(1 / 4)
+    assert lock.acquire(blocking=False) and not lock.acquire(blocking=False)
+    clock.now = 8.0
+    lock.release()
+    assert lock.utilization() == pytest.approx(5 / 8)
+    clock.now = 20.0  # only the last 10 s count: both holdings are older
+    assert lock.utilization() == 0.0
+
+
 def test_alpha_zero_never_trades_quality_for_speed():
     m = manager(gpu=1 * MB, cpu=1 * MB, alpha=0.0, profiler=sensitivity_profiler(set()))
     for i in range(6):

@@ -295,6 +295,22 @@ def test_the_tensor_table_must_match_the_header_scores(tmp_path):
 # ---- the profiler ---------------------------------------------------------------------------
 
 
+def test_passage_probes_quote_the_document_at_each_depth():
+    """The profiler asks about passages deep inside as well as the opening: a generic
+    question is answered from what any cache keeps, a passage only if it survived."""
+    from kvcli.serve.profiling import passage_probes
+
+    text = " ".join(f"w{i}" for i in range(100))
+    probes = passage_probes(text, depths=(0.0, 0.5, 0.99))
+    assert probes == [
+        "What does the document say about w0 w1 w2 w3 w4 w5?",
+        "What does the document say about w50 w51 w52 w53 w54 w55?",
+        "What does the document say about w94 w95 w96 w97 w98 w99?",  # never past the end
+    ]
+    assert passage_probes("only four words here", depths=(0.0, 0.5)) == ["What does the document say about only four words here?"]
+    assert passage_probes("") == []
+
+
 def test_profiling_reads_each_method_once_and_selects_its_heavier_ratios(model, monkeypatch):
     """quality(c, x) of kvzip at 0.5, 0.25 and 0.1: one KVzip read (the lightest), the rest
     selected from it, with the same agreements as three reads."""

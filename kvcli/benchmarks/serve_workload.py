@@ -433,7 +433,8 @@ def run(args) -> dict:
                 served_tiers = health["tiers"]
                 qualities = {r["id"]: r["qualities"] for r in client.caches()["caches"]}
         row = summarize(label, results, answers, docs)
-        row.update({"ingest_s": ingest_s, "replay_wall_s": wall, "tiers": health["tiers"], "ratio": ratio, "kind": policy, "actions": actions})
+        row.update({"ingest_s": ingest_s, "replay_wall_s": wall, "tiers": health["tiers"], "utilization": health.get("utilization"),
+                    "ratio": ratio, "kind": policy, "actions": actions})
         rows.append(row)
         progress(f"{label}: mean TTFT {row['mean_ttft_s']:.3f} s, quality {row['mean_quality']:.3f}")
         if args.out:  # each policy's row as it finishes: a run stopped at a time limit keeps what it measured

@@ -73,6 +73,10 @@ def load_model_reporting(spec: str, device: str, reporter: Reporter, dtype: str 
 
     with reporter.status(f"Loading model {spec} (the first run converts the embedded model: ~20 s)"):
         model = load_model(spec, device=device, dtype=dtype, plain=plain)
+        if model.device.type == "cuda":  # a .kvc load's page-locked staging, paid with the model's load, not by the first load
+            from kvcli.store.kvcfile import prepare_staging
+
+            prepare_staging(model.device)
     phases = model.precision
     shown = phases.decode if model.plain else phases.read if phases.read == phases.decode else f"reading {phases.read}, decoding {phases.decode}"
     how = ", plain torch decoder" if model.plain else ""

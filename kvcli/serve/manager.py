@@ -5,7 +5,7 @@ document c can be kept in one of several configurations x (method x kept ratio x
 dtype, from light to heavy compression) on one tier t (GPU memory, CPU memory, the disk
 store, or nowhere: read the text again). Each choice is scored by one utility
 
-    U(c, x, t) = freq(c) * (quality(c, x) - alpha * ttft(c, x, t))
+    U(c, x, t) = freq(c) * (quality(c, x) - alpha / (1 - rho) * ttft(c, x, t))
 
     quality(c, x)  in [0, 1]: agreement of answers over configuration x with answers over
                    the full cache (profiled per document: kvcli.serve.profiling.AgreementProfiler)
@@ -15,7 +15,12 @@ store, or nowhere: read the text again). Each choice is scored by one utility
     freq(c)        accesses, exponentially decayed with a half-life (`half_life`, in the
                    clock's unit: seconds in the server, requests in the benchmark)
     alpha          quality per second of delay (default 0.5: one second of waiting costs half
-                   the whole quality scale; 100 ms costs 0.05)
+                   the whole quality scale; 100 ms costs 0.05), divided by (1 - rho) while the
+                   model is busy a share rho of the time (`utilization`, measured by the
+                   server): in a single-server queue the mean response time is the service
+                   time / (1 - rho), so each second a request holds the model (a load, a
+                   re-read) costs the requests queued behind it too. An idle server weighs
+                   delay by alpha; one busy 80% of the time by 5 alpha, and compresses more.
 
 When a tier overflows, `resolve` repeatedly applies the single change that loses the
 least utility per byte it frees on that tier: compress one document one step further (the
@@ -52,6 +57,7 @@ from typing import Callable, Protocol
 
 DEFAULT_ALPHA = 0.5  # quality per second of time to first token
 DEFAULT_HALF_LIFE = 600.0  # seconds: an access ten minutes ago counts half
+MAX_UTILIZATION = 0.9  # delay weighed 10x at most: past it the queue factor is a guess about an overloaded server
 DEFAULT_QUESTION_TOKENS = 32  # a typical question part (chat turn + question)
 NOWHERE = "none"  # not stored: the next question reads the document again
 GROUP_SIZE = 32  # kvcli.store.kvcfile quantizes per group of 32 values along head_dim
@@ -208,6 +214,7 @@ class CacheManager:
         self.shape = shape
         self.configs = tuple(configs)
         self.alpha = alpha
+        self.utilization = 0.0  # the share of recent time the model was busy (kvcli.serve.service measures it)
         self.prefill_seconds_per_token = prefill_seconds_per_token
         self.question_tokens = question_tokens
         self.half_life = half_life
@@ -260,11 +267,15 @@ class CacheManager:
         now = self.clock() if now is None else now
         return entry.freq * 0.5 ** (max(0.0, now - entry.last_access) / self.half_life)
 
+    def delay_weight(self) -> float:
+        """Quality per second of time to first token: alpha / (1 - utilization)."""
+        return self.alpha / (1.0 - min(max(self.utilization, 0.0), MAX_UTILIZATION))
+
     def utility(self, entry: Entry, config: int, tier: str, now: float | None = None) -> float:
-        """U = freq * (quality - alpha * ttft); what the document is worth held this way."""
+        """U = freq * (quality - alpha / (1 - rho) * ttft); what the document is worth held this way."""
         if tier == NOWHERE:
             config = 0  # the next question reads it again, at the lightest configuration
-        return self.frequency(entry, now) * (self.quality(entry, config) - self.alpha * self.ttft(entry, config, tier))
+        return self.frequency(entry, now) * (self.quality(entry, config) - self.delay_weight() * self.ttft(entry, config, tier))
 
     @_locked
     def used(self, tier: str) -> int:

@@ -23,6 +23,18 @@ from kvcli.models import LoadedModel
 from kvcli.store.quantize import dequantize, quantize
 
 PROBE_QUESTIONS = ("What is this document about?", "List the key facts the document states.")
+# Where in the document the passage probes quote from (fractions of its words): a generic
+# question is answered from what any cache keeps; a question about a passage deep inside is
+# answered only if that passage survived, as a user's question about one fact is.
+PASSAGE_DEPTHS = (0.0, 0.35, 0.7)
+PASSAGE_WORDS = 6
+
+
+def passage_probes(text: str, depths: Sequence[float] = PASSAGE_DEPTHS) -> list[str]:
+    """One question per depth about the `PASSAGE_WORDS` words found there (distinct ones only)."""
+    words = text.split()
+    starts = sorted({min(int(d * len(words)), max(0, len(words) - PASSAGE_WORDS)) for d in depths})
+    return [f"What does the document say about {' '.join(words[s : s + PASSAGE_WORDS])}?" for s in starts if words]
 
 
 def press_for(config: Config):
@@ -69,12 +81,15 @@ class AgreementProfiler:
 
     For each probe question the full cache answers greedily (`answer_tokens` tokens); every
     configuration then reads the same question and answer in one forward pass, and quality
-    is the fraction of positions where its greedy next token equals the full cache's. One
+    is the fraction of positions where its greedy next token equals the full cache's. (The
+    common prefix of the two greedy answers instead, the serve benchmark's score of users'
+    answers, misjudged users' quality several times as much on its needle documents: free-
+    form probe answers part at their first words; kvcli.benchmarks.profile_calibration.) One
     read per distinct (method, ratio), and heavier ratios of a method whose allocation is
     nested (KVzip) are selected from its lightest read instead (`Compressed.derive`: the
     same cache, no model pass); int8/int4 are applied to that read's cache. Probes:
-    generic questions, one about the document's opening words, and the questions users
-    recently asked about it (so a re-profile when idle follows real use).
+    generic questions, questions about passages at several depths (`passage_probes`), and
+    the questions users recently asked about it (so a re-profile when idle follows real use).
     """
 
     def __init__(
@@ -103,8 +118,7 @@ class AgreementProfiler:
         return last[1] if last is not None and last[0] == entry_id else {}
 
     def questions(self, entry: Entry, document: Document) -> list[str]:
-        opening = " ".join(document.text.split()[:6])
-        return [*self.probes, f"What does the document say about {opening}?", *self.recent_questions(entry.id)]
+        return [*self.probes, *passage_probes(document.text), *self.recent_questions(entry.id)]
 
     def __call__(self, entry: Entry, configs: list[int]) -> dict[int, float]:
         document = self.documents(entry.id)
@@ -120,34 +134,42 @@ class AgreementProfiler:
         """Each configuration's agreement with the full cache, one score per question it answered.
         reads: filled with the caches read (or derived) for it, by (method, ratio)."""
         model = self.model
-        reads = {} if reads is None else reads
-
-        def read(config: Config) -> Compressed:
-            key = (config.method, config.ratio)
-            if key not in reads:  # a lighter read of the same method, if any, gives it by selection alone
-                reads[key] = from_reads(reads, config) or api.read(
-                    model, document, press_for(config), question=None, headroom_tokens=self.answer_tokens + 64
-                )
-            return reads[key]
-
-        full = read(Config("full", 1.0))
+        reads = self.read_configs(document, configs, {} if reads is None else reads)
+        full = reads[("full", 1.0)]
         references = []
         for question in questions:
             ids = full.layout.question_part(question)
-            cache = full.cache.clone()
-            first = generate.forward(model.model, cache, torch.tensor([ids], device=model.device))
-            (answer,) = generate.decode(model.model, cache, first, max_new_tokens=self.answer_tokens, stop_ids=api.stop_ids(model), cuda_graph=False)
+            answer = greedy_answer(model, full, ids, self.answer_tokens)
             if answer:
                 references.append((ids, answer))
         scores = {}
-        for index in sorted(configs, key=lambda i: -self.configs[i].ratio):  # lightest first: the rest derive from it
+        for index in configs:
             config = self.configs[index]
-            compressed = quantized_copy(read(config), config.kv_dtype)
+            compressed = quantized_copy(reads[(config.method, config.ratio)], config.kv_dtype)
             scores[index] = [self._agreement(compressed, ids, answer) for ids, answer in references]
         return scores
+
+    def read_configs(self, document: Document, configs: list[int], reads: dict[tuple[str, float], Compressed]) -> dict:
+        """`reads` filled with the full cache and each configuration's (method, ratio) cache:
+        lightest first, so heavier ratios of a nested method are selected from it, not read."""
+        for config in [Config("full", 1.0), *sorted((self.configs[i] for i in configs), key=lambda c: -c.ratio)]:
+            key = (config.method, config.ratio)
+            if key not in reads:
+                reads[key] = from_reads(reads, config) or api.read(
+                    self.model, document, press_for(config), question=None, headroom_tokens=self.answer_tokens + 64
+                )
+        return reads
 
     def _agreement(self, compressed: Compressed, question_ids: list[int], answer: list[int]) -> float:
         ids = question_ids + answer[:-1]  # the answer's last token is predicted, never read
         logits = continuation_logits(self.model, compressed.cache, ids)  # [n, V]
         predicted = logits[len(question_ids) - 1 :].argmax(-1).tolist()  # [len(answer)]
         return sum(p == t for p, t in zip(predicted, answer)) / len(answer)
+
+
+def greedy_answer(model: LoadedModel, compressed: Compressed, question_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The greedy answer (token ids, at most `max_new_tokens`) over a copy of compressed's cache."""
+    cache = compressed.cache.clone()
+    first = generate.forward(model.model, cache, torch.tensor([question_ids], device=model.device))
+    (answer,) = generate.decode(model.model, cache, first, max_new_tokens=max_new_tokens, stop_ids=api.stop_ids(model), cuda_graph=False)
+    return answer

@@ -14,7 +14,7 @@ server process, so the server serves only the user who started it:
 API (UTF-8 JSON; every error, 4xx or 5xx, is {"error": "one line"}; no NaN or Infinity in
 any reply: a non-finite number is null)
 
-    GET    /health            {"status": "ok", "model", "device", "pending", "tiers": [...]}
+    GET    /health            {"status": "ok", "model", "device", "pending", "utilization", "tiers": [...]}
     POST   /ask               {"document": PATH | "text": TEXT, "question": Q | "questions": [Q, ...] (at most 32),
                                "reuse": true, "method", "ratio", "budget", "agnostic", "max_new_tokens",
                                "temperature", "seed", "password", "stream": true, "cite": false}
@@ -379,7 +379,8 @@ def create_app(
     @endpoint
     async def health(request: Request) -> Response:
         usage = await run_in_threadpool(service.manager.usage)
-        return JSON({"status": "ok", "model": service.model.name, "device": str(service.model.device), "pending": service.pending, "tiers": usage})
+        return JSON({"status": "ok", "model": service.model.name, "device": str(service.model.device), "pending": service.pending,
+                     "utilization": round(service.lock.utilization(), 4), "tiers": usage})
 
     @endpoint
     async def caches(request: Request) -> Response:

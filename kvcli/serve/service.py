@@ -4,7 +4,8 @@ the kvcli store). No HTTP here: kvcli.serve.server checks request bodies into th
 requests of kvcli.serve.requests and puts this behind the JSON API; tests call it directly.
 
 Concurrency: `reserve` takes a place in the bounded queue (or raises Busy), `lock` is the
-model's turn. A request reads its document (`read_document`) after reserving and before
+model's turn (a kvcli.serve.busy.BusyLock: the share of time it is held weighs delay in the
+placement's utility). A request reads its document (`read_document`) after reserving and before
 taking the lock, so a slow or stuck file never holds the model.
 """
 
@@ -32,9 +33,10 @@ from kvcli.compress.pipeline import derivable
 from kvcli.compress.reading import Compressed
 from kvcli.cache import CompressedCache, LayerCache
 from kvcli.store.header import DocumentInfo, KvcHeader
-from kvcli.store.kvcfile import atomic_write, pid_alive, read_header, save_cache
+from kvcli.store.kvcfile import atomic_write, pid_alive, prepare_staging, read_header, save_cache
 from kvcli.documents import Document, PageSpan, load_document
 from kvcli.errors import KvcliError
+from kvcli.serve.busy import BusyLock
 from kvcli.serve.manager import NOWHERE, CacheManager, CacheShape, Config, Entry
 from kvcli.compress.methods import make_press
 from kvcli.models import LoadedModel
@@ -98,7 +100,7 @@ class ModelService:
         document met for the first time is first looked for there (see `entry_for`)."""
         self.model, self.manager = model, manager
         self.shared_store = shared_store
-        self.lock = threading.Lock()
+        self.lock = BusyLock()  # the model's turn; how long it is held is the model's utilization
         self.pending = 0
         self.max_pending = max_pending
         self._pending_lock = threading.Lock()
@@ -118,6 +120,8 @@ class ModelService:
         self._profiled_reads: dict[str, dict] = {}
         if profile and manager.profiler is None:
             manager.profiler = self.profiler()
+        if model.device.type == "cuda":  # the disk tier's loads stream through it: page-locked now, not by the first
+            prepare_staging(model.device)
 
     def warn(self, message: str, keep: int = 100) -> None:
         self.warnings.append(message)
@@ -371,6 +375,7 @@ class ModelService:
     def rebalance(self) -> None:
         """Resolve overflows, apply every placement that changed (a failed one falls back to
         the copy still held), then delete the files of entries now held in memory."""
+        self.manager.utilization = self.lock.utilization()  # delay weighs more on a busy model
         self.manager.resolve()
         order = {t.name: i for i, t in enumerate(self.manager.tiers)}
         pending = sorted(self.manager.entries.values(), key=lambda e: -order.get(e.tier, len(order)))

@@ -55,6 +55,7 @@ import re
 import secrets
 import stat
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -775,15 +776,13 @@ def _stream_to_device(path, fd, tensors, layer_names, data_start, data_len, devi
     import torch
 
     workers = min(_threads(), max(1, len(tensors)))
-    # Two slots a worker, never more staging than the file itself (page-locking costs time).
-    slot_bytes = max(STAGING_SLOT_MIN, min(STAGING_BYTES, data_len) // (2 * workers))
-    count = min(2 * workers, max(1, -(-data_len // slot_bytes)))
     try:
-        block = torch.empty(count * slot_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        kept = _take_staging(device)
     except RuntimeError:  # page-locked memory refused (a container's limit): the pageable path
         return _read_to_host(path, fd, tensors, layer_names, data_start, data_len, device, version)
+    slot_bytes = kept[0].host.numel()
+    slots = kept[: min(2 * workers, max(1, -(-data_len // slot_bytes)))]
     buf = torch.empty(data_len, dtype=torch.uint8, device=device)
-    slots = [_Slot(block[k * slot_bytes : (k + 1) * slot_bytes], device) for k in range(count)]
     free: queue.SimpleQueue = queue.SimpleQueue()
     for slot in slots:
         free.put(slot)
@@ -813,7 +812,46 @@ def _stream_to_device(path, fd, tensors, layer_names, data_start, data_len, devi
             current = torch.cuda.current_stream(device)
             for slot in slots:
                 current.wait_stream(slot.stream)  # later work on `buf` runs after every upload
+        _keep_staging(device, kept)  # the next load waits on each slot's last upload before reusing it
     return buf, _combine_digests(digests)
+
+
+# The staging block and its slots (streams and events included) are kept for the process:
+# page-locking 64 MiB and creating the streams is most of what a first load paid beyond a
+# second one. One set per device; a load that finds it taken (concurrent loads in the
+# server) makes its own, which is let go afterwards.
+_kept_staging: dict[tuple[str, int], list[_Slot]] = {}
+_kept_staging_lock = threading.Lock()
+
+
+def prepare_staging(device) -> None:
+    """Page-lock the staging block and create its streams now, so that the process's first
+    .kvc load does not pay for them (the CLI calls it when it loads a model on a GPU, the
+    server when it starts on one)."""
+    import torch
+
+    device = torch.device(device)
+    _keep_staging(device, _take_staging(device))
+
+
+def _take_staging(device) -> list[_Slot]:
+    """The kept slots of `device` (for the current STAGING_BYTES), or new ones: two a worker,
+    STAGING_BYTES in all."""
+    import torch
+
+    with _kept_staging_lock:
+        kept = _kept_staging.pop((str(device), STAGING_BYTES), None)
+    if kept is not None:
+        return kept
+    count = 2 * _threads()
+    slot_bytes = max(STAGING_SLOT_MIN, STAGING_BYTES // count)
+    block = torch.empty(count * slot_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    return [_Slot(block[k * slot_bytes : (k + 1) * slot_bytes], device) for k in range(count)]
+
+
+def _keep_staging(device, slots: list[_Slot]) -> None:
+    with _kept_staging_lock:
+        _kept_staging.setdefault((str(device), STAGING_BYTES), slots)
 
 
 def _expected_tensors(path: Path, header: KvcHeader) -> tuple[dict[str, tuple[str, list[int]]], list[list[str]]]:
