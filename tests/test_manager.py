@@ -255,6 +255,35 @@ def test_failed_rewrite_keeps_the_file_already_on_disk(char_tokenizer, monkeypat
     assert ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})["placement"]["served_from"] == "disk"
 
 
+def test_files_stay_as_clean_copies_while_the_disk_has_room(char_tokenizer, monkeypatch):
+    """Two documents taking turns in a memory tier that holds one: each swap demotes one and
+    promotes the other. The promoted one's file is kept (the disk has room), so demoting it
+    back costs no write; with room for one file only, the older copy goes."""
+    from kvcli.serve import service as service_module
+
+    service = tiny_service(char_tokenizer)
+    ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
+    (first,) = service.manager.entries.values()
+    one = service.manager.size(first, 0, "cpu")
+    disk_one = service.manager.size(first, 0, "disk")
+    service = tiny_service(char_tokenizer, cpu_bytes=int(one * 1.5))
+    writes = []
+    real_save = service_module.save_cache
+    monkeypatch.setattr(service_module, "save_cache", lambda path, *a, **k: writes.append(path) or real_save(path, *a, **k))
+    texts = [DOCUMENT, DOCUMENT.replace("counted", "weighed")]
+    for turn in range(6):
+        ask(service, {"text": texts[turn % 2], "question": "How many?", "max_new_tokens": 4})
+    tiers = sorted(e.tier for e in service.manager.entries.values())
+    assert tiers == ["cpu", "disk"]
+    assert len(writes) == 2  # each document written once, when first demoted; every later swap is free
+    assert len(list(service.store.glob("*.kvc"))) == 2  # the one in memory keeps its clean copy
+
+    service.manager.tier("disk").capacity = int(disk_one * 1.5)  # room for one file: the clean copy goes
+    service.rebalance()
+    (left,) = service.store.glob("*.kvc")
+    assert service.disk[next(e.id for e in service.manager.entries.values() if e.tier == "disk")][1] == left
+
+
 def test_clean_stop_writes_memory_to_disk_for_the_next_start(char_tokenizer):
     service = tiny_service(char_tokenizer, cpu_bytes=10**9)
     ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})

@@ -374,7 +374,7 @@ class ModelService:
 
     def rebalance(self) -> None:
         """Resolve overflows, apply every placement that changed (a failed one falls back to
-        the copy still held), then delete the files of entries now held in memory."""
+        the copy still held), then trim the files kept of entries now held in memory."""
         self.manager.utilization = self.lock.utilization()  # delay weighs more on a busy model
         self.manager.resolve()
         order = {t.name: i for i, t in enumerate(self.manager.tiers)}
@@ -384,8 +384,27 @@ class ModelService:
                 self.materialize(entry)
             except KvcliError as exc:
                 self._fall_back(entry, f"could not keep it as {self.manager.configs[entry.config].name} on {entry.tier}: {exc}")
+        self._trim_clean_copies()
+
+    def _trim_clean_copies(self) -> None:
+        """Keep the files of entries now held in memory while the disk tier has room for them
+        beside the entries it holds: a clean copy, so demoting the entry back unchanged costs
+        no write (under LRU-like churn every demotion was a write, on the model's turn). The
+        least recently used copies go first when the files would pass the tier's capacity."""
+        disk = next((t for t in self.manager.tiers if t.encoded), None)
+        entries = self.manager.entries
         encoded = {t.name for t in self.manager.tiers if t.encoded}
-        for eid in [eid for eid in self.disk if getattr(self.manager.entries.get(eid), "tier", None) not in encoded]:
+        clean = [eid for eid in self.disk if getattr(entries.get(eid), "tier", None) not in encoded]
+        if disk is None:
+            for eid in clean:
+                self._forget_disk(eid)
+            return
+        sizes = {eid: self.manager.size(entries[eid], index, disk.name) if eid in entries else 0 for eid, (index, _) in self.disk.items()}
+        used = sum(sizes.values())
+        for eid in sorted(clean, key=lambda e: (e in entries, getattr(entries.get(e), "last_access", 0.0))):
+            if used <= disk.capacity and eid in entries:
+                break
+            used -= sizes[eid]
             self._forget_disk(eid)
 
     def _fall_back(self, entry: Entry, reason: str) -> None:
