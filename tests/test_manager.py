@@ -284,6 +284,21 @@ def test_files_stay_as_clean_copies_while_the_disk_has_room(char_tokenizer, monk
     assert service.disk[next(e.id for e in service.manager.entries.values() if e.tier == "disk")][1] == left
 
 
+def test_the_models_time_is_accounted_by_kind_once(char_tokenizer):
+    """work_seconds says what a busy model is busy with: answering, placement, profiling;
+    placement run inside a request counts as placement only, so the kinds add up to at most
+    the time the calls took."""
+    import time
+
+    service = tiny_service(char_tokenizer)
+    started = time.perf_counter()
+    ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
+    wall = time.perf_counter() - started
+    work = service.work_seconds
+    assert work["requests"] > 0 and work["placement"] > 0 and work["profiling"] == 0  # profiling is off here
+    assert sum(work.values()) <= wall
+
+
 def test_clean_stop_writes_memory_to_disk_for_the_next_start(char_tokenizer):
     service = tiny_service(char_tokenizer, cpu_bytes=10**9)
     ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})

@@ -423,6 +423,7 @@ def run(args) -> dict:
             progress(f"{label}: ingest {ingest_s:.0f} s; {len(stream)} questions ...")
             earlier = client.decisions()
             before = earlier[-1]["at"] if earlier else -math.inf
+            work_before = client.health().get("work_seconds", {})
             results, wall = replay(client, docs, paths, stream, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens)
             health = client.health()
             actions: dict[str, int] = {}
@@ -434,6 +435,7 @@ def run(args) -> dict:
                 qualities = {r["id"]: r["qualities"] for r in client.caches()["caches"]}
         row = summarize(label, results, answers, docs)
         row.update({"ingest_s": ingest_s, "replay_wall_s": wall, "tiers": health["tiers"], "utilization": health.get("utilization"),
+                    "work_seconds": {k: round(v - work_before.get(k, 0.0), 3) for k, v in health.get("work_seconds", {}).items()},
                     "ratio": ratio, "kind": policy, "actions": actions})
         rows.append(row)
         progress(f"{label}: mean TTFT {row['mean_ttft_s']:.3f} s, quality {row['mean_quality']:.3f}")
@@ -487,6 +489,9 @@ def print_report(report: dict) -> None:
         print(f"{name}: " + "; ".join(lines))
     print("placement changes during the questions: " + "; ".join(
         f"{r['policy']} " + (", ".join(f"{k} {v}" for k, v in sorted(r["actions"].items())) or "none") for r in report["rows"] if "actions" in r))
+    print("the model's time during the questions (s): " + "; ".join(
+        f"{r['policy']} " + ", ".join(f"{k} {v:.1f}" for k, v in r["work_seconds"].items()) + f" (utilization {r['utilization']:.2f})"
+        for r in report["rows"] if r.get("work_seconds")))
 
 
 def _interrupt(signum, frame) -> None:

@@ -14,7 +14,7 @@ server process, so the server serves only the user who started it:
 API (UTF-8 JSON; every error, 4xx or 5xx, is {"error": "one line"}; no NaN or Infinity in
 any reply: a non-finite number is null)
 
-    GET    /health            {"status": "ok", "model", "device", "pending", "utilization", "tiers": [...]}
+    GET    /health            {"status": "ok", "model", "device", "pending", "utilization", "work_seconds", "tiers": [...]}
     POST   /ask               {"document": PATH | "text": TEXT, "question": Q | "questions": [Q, ...] (at most 32),
                                "reuse": true, "method", "ratio", "budget", "agnostic", "max_new_tokens",
                                "temperature", "seed", "password", "stream": true, "cite": false}
@@ -380,7 +380,8 @@ def create_app(
     async def health(request: Request) -> Response:
         usage = await run_in_threadpool(service.manager.usage)
         return JSON({"status": "ok", "model": service.model.name, "device": str(service.model.device), "pending": service.pending,
-                     "utilization": round(service.lock.utilization(), 4), "tiers": usage})
+                     "utilization": round(service.lock.utilization(), 4),
+                     "work_seconds": {k: round(v, 3) for k, v in service.work_seconds.items()}, "tiers": usage})
 
     @endpoint
     async def caches(request: Request) -> Response:

@@ -11,6 +11,7 @@ taking the lock, so a slow or stuck file never holds the model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -48,6 +49,20 @@ DEFAULT_MAX_PENDING = 8  # requests running or queued for the model; the next ge
 RECENT_QUESTIONS = 4  # users' questions kept per document as probes for its next profile
 SET_ASIDE = "set-aside"  # store subfolder where unreadable files found at startup are moved
 _HEX_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+def _accounted(kind: str):
+    """A ModelService method whose time goes to `work_seconds[kind]` (see `_work`)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            with self._work(kind):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 class Busy(KvcliError):
@@ -115,6 +130,10 @@ class ModelService:
         # document read with the model), "derived" (selected from a lighter copy by its scores,
         # no model pass), "loaded" (a file of the disk tier read back).
         self.placement_work = {"read": 0, "derived": 0, "loaded": 0, "profiled": 0}
+        # Seconds the model's turn went to each kind of work (nested work counted once, in the
+        # innermost kind): what a busy model is busy with (GET /health).
+        self.work_seconds = {"requests": 0.0, "placement": 0.0, "profiling": 0.0}
+        self._work_stack: list[float] = []
         # The profiler's reads of entries profiled in this after_request, {id: {(method, ratio):
         # Compressed}}, for the rebalance right after it ("profiled": a move took one, no read).
         self._profiled_reads: dict[str, dict] = {}
@@ -122,6 +141,19 @@ class ModelService:
             manager.profiler = self.profiler()
         if model.device.type == "cuda":  # the disk tier's loads stream through it: page-locked now, not by the first
             prepare_staging(model.device)
+
+    @contextmanager
+    def _work(self, kind: str):
+        """Account the time inside to `kind`, less the nested work accounted to its own kind."""
+        started = time.perf_counter()
+        self._work_stack.append(0.0)
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - started
+            self.work_seconds[kind] += spent - self._work_stack.pop()
+            if self._work_stack:
+                self._work_stack[-1] += spent
 
     def warn(self, message: str, keep: int = 100) -> None:
         self.warnings.append(message)
@@ -372,6 +404,7 @@ class ModelService:
         self.memory[eid] = (index, tier, compressed)
         return compressed
 
+    @_accounted("placement")
     def rebalance(self) -> None:
         """Resolve overflows, apply every placement that changed (a failed one falls back to
         the copy still held), then trim the files kept of entries now held in memory."""
@@ -564,6 +597,7 @@ class ModelService:
 
     # ---- requests (call inside `turn()`) ---------------------------------------------------
 
+    @_accounted("requests")
     def ask(self, request: AskRequest, document: Document | None, on_text: Callable[[int, str], None] | None) -> dict:
         """Answer `request` about `document` (from `read_document`; None: its .kvc file).
 
@@ -619,6 +653,7 @@ class ModelService:
             record["precision"] = self.model.precision.describe()
         return {"done": True, "answer": answers[0].answer, "answers": records, "placement": placement}
 
+    @_accounted("requests")
     def compress(self, request: CompressRequest, document: Document | None) -> dict:
         """Write a .kvc (with `output`) or add the document to the manager (call `after_request`)."""
         if document is None:
@@ -648,7 +683,8 @@ class ModelService:
             for entry in fresh:
                 self.asked_since_profile.discard(entry.id)  # its questions so far are among the probes
                 try:
-                    self.manager.profile(entry)
+                    with self._work("profiling"):
+                        self.manager.profile(entry)
                 except KvcliError as exc:
                     self.manager.note(entry.id, f"profiling failed: {exc}")
                 self._keep_profiled_reads(entry)
@@ -718,7 +754,8 @@ class ModelService:
                 return None
             entry = min(due, key=lambda e: (e.profiled, e.profiled_at))
             self.asked_since_profile.discard(entry.id)
-            self.manager.profile(entry)
+            with self._work("profiling"):
+                self.manager.profile(entry)
             self._keep_profiled_reads(entry)
             self._rebalance_after_profiling()
             return entry.id
