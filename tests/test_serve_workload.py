@@ -199,3 +199,24 @@ def test_report_of_a_run_stopped_before_its_end_says_so(tmp_path, capsys):
         workload.main(["--report", str(saved)])
     assert exit_.value.code == 1
     assert "stopped before its end" in capsys.readouterr().err
+
+
+def test_ingest_waits_until_the_server_has_settled():
+    """A reply goes out before its profiling runs: the timed questions start only once the
+    server holds no request (GET /health pending 0), or the last document's profiling takes
+    the model from the first of them."""
+    from kvcli.benchmarks.serve_workload import ingest
+
+    class SettlingClient:
+        def __init__(self):
+            self.added, self.pending = [], [2, 1, 1, 0, 0]
+
+        def compress(self, body):
+            self.added.append(body["document"])
+
+        def health(self):
+            return {"pending": self.pending.pop(0)}
+
+    client = SettlingClient()
+    ingest(client, ["a.txt", "b.txt"])
+    assert client.added == ["a.txt", "b.txt"] and client.pending == [0]
