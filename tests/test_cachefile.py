@@ -500,15 +500,17 @@ def test_staging_is_page_locked_once_per_process(saved, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", spy)
+    count, slot_bytes = cachefile._staging_shape()
     cachefile.prepare_staging("cpu")
-    assert blocks == [cachefile.STAGING_BYTES]
+    assert blocks == [count * slot_bytes] and count * slot_bytes <= cachefile.STAGING_BYTES
     first, _ = load_cache(saved)
     second, _ = load_cache(saved)
-    assert blocks == [cachefile.STAGING_BYTES]
+    assert blocks == [count * slot_bytes]
     assert_same(first, second)
     monkeypatch.setattr(cachefile, "STAGING_BYTES", cachefile.STAGING_BYTES // 2)  # another size: a new block
     load_cache(saved)
-    assert blocks[1:] == [cachefile.STAGING_BYTES]
+    count, slot_bytes = cachefile._staging_shape()
+    assert blocks[1:] == [count * slot_bytes]
 
 
 def test_concurrent_streamed_loads_do_not_share_slots(tmp_path, streamed, monkeypatch):

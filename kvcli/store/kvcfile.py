@@ -817,10 +817,10 @@ def _stream_to_device(path, fd, tensors, layer_names, data_start, data_len, devi
 
 
 # The staging block and its slots (streams and events included) are kept for the process:
-# page-locking 64 MiB and creating the streams is most of what a first load paid beyond a
-# second one. One set per device; a load that finds it taken (concurrent loads in the
-# server) makes its own, which is let go afterwards.
-_kept_staging: dict[tuple[str, int], list[_Slot]] = {}
+# page-locking 64 MiB cost a first load 0.04-0.05 s on the H200 machine (BENCHMARKS.md), and
+# every load made its streams and events again. One set per device and size; a load that
+# finds it taken (concurrent loads in the server) makes its own, let go afterwards.
+_kept_staging: dict[tuple[str, int, int], list[_Slot]] = {}
 _kept_staging_lock = threading.Lock()
 
 
@@ -834,24 +834,28 @@ def prepare_staging(device) -> None:
     _keep_staging(device, _take_staging(device))
 
 
+def _staging_shape() -> tuple[int, int]:
+    """(slots, bytes a slot): two slots a worker, STAGING_BYTES in all."""
+    count = 2 * _threads()
+    return count, max(STAGING_SLOT_MIN, STAGING_BYTES // count)
+
+
 def _take_staging(device) -> list[_Slot]:
-    """The kept slots of `device` (for the current STAGING_BYTES), or new ones: two a worker,
-    STAGING_BYTES in all."""
+    """The kept slots of `device` of the current shape, or new ones."""
     import torch
 
+    count, slot_bytes = _staging_shape()
     with _kept_staging_lock:
-        kept = _kept_staging.pop((str(device), STAGING_BYTES), None)
+        kept = _kept_staging.pop((str(device), count, slot_bytes), None)
     if kept is not None:
         return kept
-    count = 2 * _threads()
-    slot_bytes = max(STAGING_SLOT_MIN, STAGING_BYTES // count)
     block = torch.empty(count * slot_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     return [_Slot(block[k * slot_bytes : (k + 1) * slot_bytes], device) for k in range(count)]
 
 
 def _keep_staging(device, slots: list[_Slot]) -> None:
     with _kept_staging_lock:
-        _kept_staging.setdefault((str(device), STAGING_BYTES), slots)
+        _kept_staging.setdefault((str(device), len(slots), slots[0].host.numel()), slots)
 
 
 def _expected_tensors(path: Path, header: KvcHeader) -> tuple[dict[str, tuple[str, list[int]]], list[list[str]]]:
