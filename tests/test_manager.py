@@ -215,6 +215,35 @@ def test_restart_rediscovers_and_reuses_the_disk_tier(char_tokenizer):
     assert again["answer"] == first["answer"]
 
 
+def test_an_adopted_entry_without_its_text_is_compressed_by_selection(char_tokenizer):
+    """A store file found at startup whose text sidecar is gone cannot be read again; with its
+    rows' selection scores it can still be compressed further (KVzip's allocation is nested):
+    the manager takes that step instead of dropping it, and no model pass is made."""
+    from kvcli.serve.manager import DEFAULT_CONFIGS
+
+    half = DEFAULT_CONFIGS.index(Config("kvzip", 0.5))
+    quarter = DEFAULT_CONFIGS.index(Config("kvzip", 0.25))
+    service = tiny_service(char_tokenizer)
+    ask(service, {"text": DOCUMENT, "question": "How many?", "max_new_tokens": 4})
+    (entry,) = service.manager.entries.values()
+    service.manager._move(entry, half, "disk", "compress", "test: kvzip at 0.5")
+    service.rebalance()
+    assert service.disk[entry.id][0] == half
+    service._sidecar(entry.id).unlink()  # the text is lost
+
+    restarted = tiny_service(char_tokenizer)
+    assert restarted.rediscover() == 1
+    (found,) = restarted.manager.entries.values()
+    assert not found.recompressible and found.config == half
+    disk = restarted.manager.tier("disk")
+    disk.capacity = restarted.manager.size(found, quarter, "disk") + 1  # room for a quarter, not a half
+    restarted.rebalance()
+    assert (found.config, found.tier) == (quarter, "disk")
+    assert restarted.placement_work["derived"] == 1 and restarted.placement_work["read"] == 0
+    (path,) = restarted.store.glob("*.kvc")
+    assert restarted.disk[found.id] == (quarter, path)
+
+
 def test_full_disk_drops_cleanly_and_keeps_answering(char_tokenizer, monkeypatch):
     from kvcli.errors import KvcliError
     from kvcli.serve import service as service_module

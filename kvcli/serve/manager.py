@@ -215,6 +215,9 @@ class CacheManager:
         self.configs = tuple(configs)
         self.alpha = alpha
         self.utilization = 0.0  # the share of recent time the model was busy (kvcli.serve.service measures it)
+        # Whether config `step` of an entry can be selected from its copy held as config
+        # `held` (selection scores kept, a nested allocation): the server knows, and sets it.
+        self.derivable: Callable[[Entry, int, int], bool] = lambda entry, held, step: False
         self.prefill_seconds_per_token = prefill_seconds_per_token
         self.question_tokens = question_tokens
         self.half_life = half_life
@@ -357,8 +360,8 @@ class CacheManager:
                 self.configs[entry.config].method,
                 self.configs[entry.config].ratio,
             )
-            if not (entry.recompressible or same_read):
-                continue  # without the text, only the kv dtype can change
+            if not (entry.recompressible or same_read or self.derivable(entry, entry.config, step)):
+                continue  # without the text, only the kv dtype can change, or a selection from the copy held
             if self.size(entry, step, tier) < here:
                 return step
         return None

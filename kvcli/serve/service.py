@@ -141,6 +141,8 @@ class ModelService:
             manager.profiler = self.profiler()
         if model.device.type == "cuda":  # the disk tier's loads stream through it: page-locked now, not by the first
             prepare_staging(model.device)
+        self._scored_files: set[Path] = set()  # disk files holding their rows' selection scores
+        manager.derivable = self._derivable_step
 
     @contextmanager
     def _work(self, kind: str):
@@ -361,12 +363,31 @@ class ModelService:
         persist.ensure_store_dir()
         # with its scores: compressed further on disk later, it is selected, not read again
         save_cache(path, compressed.cache, header, kv_dtype=config.kv_dtype, mode=persist.STORE_FILE_MODE, scores=True)
+        if compressed.cache.scores is not None:
+            self._scored_files.add(path)
         return path
 
     def _forget_disk(self, eid: str) -> None:
         held = self.disk.pop(eid, None)
         if held:
             held[1].unlink(missing_ok=True)
+            self._scored_files.discard(held[1])
+
+    def _derivable_step(self, entry: Entry, held: int, step: int) -> bool:
+        """Whether config `step` is selected from the copy held of `entry` (config `held`, in
+        memory or on disk, with its selection scores) with no model pass: what lets an entry
+        whose text is unknown (adopted from the store) be compressed further, not only dropped."""
+        configs = self.manager.configs
+        have, want = configs[held], configs[step]
+        if not want.ratio < have.ratio or have.kv_dtype not in ("auto", want.kv_dtype):
+            return False
+        if not derivable(press_for(have), press_for(want)):
+            return False
+        memory = self.memory.get(entry.id)
+        if memory and memory[0] == held:
+            return memory[2].cache.scores is not None
+        disk = self.disk.get(entry.id)
+        return bool(disk) and disk[0] == held and disk[1] in self._scored_files
 
     def materialize(self, entry: Entry) -> Compressed | None:
         """Make the physical copy match the entry's (config, tier); returns it for memory tiers.
@@ -502,6 +523,8 @@ class ModelService:
         self.manager.add(entry, profile=False)
         self.manager.place(eid, index, next(t.name for t in self.manager.tiers if t.encoded), reason)
         self.disk[eid] = (index, path)
+        if header.scores is not None:
+            self._scored_files.add(path)
         return entry
 
     def _adopt_saved(self, document: Document, eid: str) -> Entry | None:
