@@ -201,8 +201,8 @@ def reuse(model, ids: list[int], ratio: float, chunk_size: int) -> dict:
         # The first load of a fresh process is what `kvcli ask doc.kvc` pays: each mode in its
         # own child process (its model built and its kernels warmed before the clock).
         # "prepared": the staging block page-locked while the model loads, as load_model does.
-        for tag, mode in (("pageable", "pageable"), ("streamed", "streamed"), ("prepared", "prepared")):
-            child = fresh_process_reuse(path, question[0].tolist(), mode)
+        for tag in ("pageable", "streamed", "prepared"):
+            child = fresh_process_reuse(path, question[0].tolist(), tag)
             row.update({f"{tag}_{k}": v for k, v in child.items()})
             row[f"speedup_{tag}_first"] = reread_s / child["ttft_first_s"]
             row[f"speedup_{tag}_warm"] = reread_s / child["ttft_second_s"]

@@ -98,7 +98,7 @@ def real_pieces(paths: list[str], words: int, limit: int):
 def real_profiles(paths: list[str], configs: tuple[Config, ...], words: int, limit: int) -> list[tuple[dict, dict]]:
     """(quality the policy sees, quality it is scored on) per real document piece."""
     from kvcli.models import load_model
-    from kvcli.serve.profiling import PROBE_QUESTIONS, AgreementProfiler, passage_probes
+    from kvcli.serve.profiling import AgreementProfiler
     from kvcli.serve.service import ModelService
 
     model = load_model("default")
@@ -108,7 +108,7 @@ def real_profiles(paths: list[str], configs: tuple[Config, ...], words: int, lim
     pieces = real_pieces(paths, words, limit)
     for k, document in enumerate(pieces):
         print(f"profiling document {k + 1}/{len(pieces)}", file=sys.stderr, flush=True)  # minutes on a CPU
-        probes = [*PROBE_QUESTIONS, *passage_probes(document.text)]  # what the server asks
+        probes = profiler.probe_questions(document)  # what the server asks
         scores = profiler.per_question(document, probes + list(HELD_OUT), list(range(len(configs))))
         seen = {i: statistics.fmean(s[: len(probes)] or [1.0]) for i, s in scores.items()}
         held_out = {i: statistics.fmean(s[len(probes) :] or [1.0]) for i, s in scores.items()}

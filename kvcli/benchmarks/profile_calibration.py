@@ -28,7 +28,7 @@ import time
 from kvcli.benchmarks.serve_workload import agreement, documents
 from kvcli.documents import load_document
 from kvcli.serve.manager import DEFAULT_CONFIGS
-from kvcli.serve.profiling import PROBE_QUESTIONS, AgreementProfiler, greedy_answer, passage_probes, quantized_copy
+from kvcli.serve.profiling import PROBE_QUESTIONS, AgreementProfiler, greedy_answer, quantized_copy
 
 
 def common_prefix(a, b) -> int:
@@ -38,10 +38,7 @@ def common_prefix(a, b) -> int:
 
 def token_agreement(profiler: AgreementProfiler, compressed, question_ids: list[int], answer: list[int]) -> tuple[float, float]:
     """(agreeing positions share: the profiler's metric, common prefix share) of one teacher-forced pass."""
-    from kvcli.eval.fidelity import continuation_logits
-
-    logits = continuation_logits(profiler.model, compressed.cache, question_ids + answer[:-1])
-    predicted = logits[len(question_ids) - 1 :].argmax(-1).tolist()
+    predicted = profiler.predicted(compressed, question_ids, answer)
     return sum(p == t for p, t in zip(predicted, answer)) / len(answer), common_prefix(predicted, answer) / len(answer)
 
 
@@ -55,7 +52,7 @@ def calibrate(model, docs, *, answer_tokens: int, user_tokens: int, progress=lam
         reads = profiler.read_configs(document, configs, {})
         full = reads[("full", 1.0)]
         probes = []
-        for question in [*PROBE_QUESTIONS, *passage_probes(document.text)]:
+        for question in profiler.probe_questions(document):
             ids = full.layout.question_part(question)
             answer = greedy_answer(model, full, ids, answer_tokens)
             if answer:

@@ -43,9 +43,6 @@ class BusyLock:
                 self._intervals.popleft()
         self._lock.release()
 
-    def locked(self) -> bool:
-        return self._lock.locked()
-
     __enter__ = acquire
 
     def __exit__(self, *exc) -> None:

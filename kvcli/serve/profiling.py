@@ -117,8 +117,12 @@ class AgreementProfiler:
         last, self._last_reads = self._last_reads, None
         return last[1] if last is not None and last[0] == entry_id else {}
 
+    def probe_questions(self, document: Document) -> list[str]:
+        """The probes every document gets: generic questions and its passages at several depths."""
+        return [*self.probes, *passage_probes(document.text)]
+
     def questions(self, entry: Entry, document: Document) -> list[str]:
-        return [*self.probes, *passage_probes(document.text), *self.recent_questions(entry.id)]
+        return [*self.probe_questions(document), *self.recent_questions(entry.id)]
 
     def __call__(self, entry: Entry, configs: list[int]) -> dict[int, float]:
         document = self.documents(entry.id)
@@ -160,10 +164,14 @@ class AgreementProfiler:
                 )
         return reads
 
-    def _agreement(self, compressed: Compressed, question_ids: list[int], answer: list[int]) -> float:
+    def predicted(self, compressed: Compressed, question_ids: list[int], answer: list[int]) -> list[int]:
+        """compressed's greedy next token at each position of `answer`, teacher-forced (one pass)."""
         ids = question_ids + answer[:-1]  # the answer's last token is predicted, never read
         logits = continuation_logits(self.model, compressed.cache, ids)  # [n, V]
-        predicted = logits[len(question_ids) - 1 :].argmax(-1).tolist()  # [len(answer)]
+        return logits[len(question_ids) - 1 :].argmax(-1).tolist()  # [len(answer)]
+
+    def _agreement(self, compressed: Compressed, question_ids: list[int], answer: list[int]) -> float:
+        predicted = self.predicted(compressed, question_ids, answer)
         return sum(p == t for p, t in zip(predicted, answer)) / len(answer)
 
 

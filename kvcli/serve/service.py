@@ -448,11 +448,9 @@ class ModelService:
         disk = next((t for t in self.manager.tiers if t.encoded), None)
         entries = self.manager.entries
         encoded = {t.name for t in self.manager.tiers if t.encoded}
-        clean = [eid for eid in self.disk if getattr(entries.get(eid), "tier", None) not in encoded]
-        if disk is None:
-            for eid in clean:
-                self._forget_disk(eid)
+        if disk is None:  # no disk tier: nothing is ever written
             return
+        clean = [eid for eid in self.disk if getattr(entries.get(eid), "tier", None) not in encoded]
         sizes = {eid: self.manager.size(entries[eid], index, disk.name) if eid in entries else 0 for eid, (index, _) in self.disk.items()}
         used = sum(sizes.values())
         for eid in sorted(clean, key=lambda e: (e in entries, getattr(entries.get(e), "last_access", 0.0))):
